@@ -1,0 +1,64 @@
+"""Attention capture: timm's `Attention` re-expressed with its two matmuls as modules.
+
+Hooks on `qk` see each head's scaled QK^T logits (B, H, N, N) and hooks on `av` see each
+head's output softmax(QK^T)V (B, H, N, head_dim). The fake-quant student swaps these
+`MatMul`s for quantized ones, so both operands of both matmuls can be quantized.
+The math is timm's non-fused path, so logits match timm's own forward.
+"""
+import torch
+from torch import nn
+from timm.models.vision_transformer import Attention as TimmAttention
+
+
+class MatMul(nn.Module):
+    """`a @ b` as a module, so hooks and quantizers can attach to it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class ExplicitAttention(nn.Module):
+    """Same parameters and submodule names as timm's Attention (state dicts stay compatible)."""
+
+    def __init__(self, attn: TimmAttention):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scale
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.qk = MatMul()
+        self.av = MatMul()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def capture_attention(model: nn.Module) -> nn.Module:
+    """Replace every timm Attention in `model` (in place) by ExplicitAttention; returns model."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, TimmAttention)]
+    for name, attn in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ExplicitAttention(attn))
+    return model
+
+
+def attention_modules(model: nn.Module) -> list[ExplicitAttention]:
+    """The captured attention blocks in network order."""
+    return [m for m in model.modules() if isinstance(m, ExplicitAttention)]

@@ -1,0 +1,159 @@
+"""The `mimiq-deploy` command line: a thin layer over the Python API, one verb per stage."""
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MimiqError
+
+model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
+                            help="fmnist-vit (embedded), or a timm model name.")
+checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                                 help="Weights for a timm model: a state dict or a checkpoint with a 'model' key.")
+
+
+class Cli(click.Group):
+    """Turns MimiqError into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MimiqError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mimiq-deploy")
+def main():
+    """Data-free quantization of Vision Transformers (MimiQ), deployed to ONNX Runtime and TensorRT."""
+
+
+@main.command("eval")
+@model_option
+@checkpoint_option
+@click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder of synset subfolders.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
+    """Top-1 accuracy of a model on its eval set."""
+    from .evaluate import eval_dataset, evaluate
+    from .models import load_model
+
+    model = load_model(model_name, checkpoint)
+    dataset, dataset_name = eval_dataset(model, val_dir, data_dir)
+    result = {"model": model_name, "dataset": dataset_name, **evaluate(model, dataset, batch_size, progress=not as_json)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{model_name} on {dataset_name}: top-1 {result['top1']:.2f}% over {result['n']} images")
+
+
+recipe_option = click.option("--recipe", type=click.Path(path_type=Path), default=None,
+                             help="Calibration recipe TOML (default: calib/<model>.toml when present, "
+                                  "else built-in values).")
+
+
+@main.command()
+@model_option
+@checkpoint_option
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--num-images", type=int, default=None, help="Images to synthesize.")
+@click.option("--batch-size", type=int, default=None, help="Images per optimization batch (= per shard).")
+@click.option("--steps", type=int, default=None, help="Optimization steps per batch.")
+@click.option("--seed", type=int, default=None)
+@recipe_option
+@click.option("--no-ihc", is_flag=True, help="Base synthesis: CE + TV only (ablation).")
+@click.option("--noise-only", is_flag=True, help="Plain Gaussian noise, no optimization (ablation).")
+def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only):
+    """MimiQ synthetic calibration images (resumable, shards split across torchrun ranks)."""
+    from .models import load_model
+    from .recipes import resolve_recipe_path
+    from .synthesize import load_synthesis_recipe, synthesize as run
+
+    r = load_synthesis_recipe(resolve_recipe_path(recipe, model_name),
+                              dict(num_images=num_images, batch_size=batch_size, steps=steps, seed=seed,
+                                   ihc=False if no_ihc else None, noise_only=True if noise_only else None))
+    manifest = run(load_model(model_name, checkpoint), model_name, run_dir, r)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest["final_losses"].items())
+    click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
+
+
+@main.command("inspect-attention")
+@model_option
+@checkpoint_option
+@click.option("--data", "run_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Run directory with synthetic images (repeatable).")
+@click.option("--real/--no-real", default=True, show_default=True, help="Include real eval images.")
+@click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder for the real images.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--num", type=int, default=512, show_default=True, help="Images per set.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_attention(model_name, checkpoint, run_dirs, real, val_dir, data_dir, num, as_json):
+    """Mean inter-head attention similarity (|SSIM|) of image sets."""
+    import torch
+
+    from .evaluate import eval_dataset
+    from .models import load_model
+    from .synthesize import load_synthetic, mean_inter_head_similarity
+
+    model = load_model(model_name, checkpoint)
+    rows = []
+    for run_dir in run_dirs:
+        images, _, manifest = load_synthetic(run_dir)
+        rows.append({"set": f"{manifest['kind']} ({run_dir})", "n": min(num, len(images)),
+                     "similarity": mean_inter_head_similarity(model, images[:num])})
+    if real:
+        dataset, name = eval_dataset(model, val_dir, data_dir)
+        images = torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
+        rows.append({"set": f"real ({name})", "n": len(images), "similarity": mean_inter_head_similarity(model, images)})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    width = max(len(r["set"]) for r in rows) if rows else 10
+    click.echo(f"{'images':<{width}}  {'n':>6}  mean inter-head |SSIM|")
+    for r in rows:
+        click.echo(f"{r['set']:<{width}}  {r['n']:>6}  {r['similarity']:.4f}")
+
+
+@main.group()
+def teacher():
+    """The embedded default teacher (Fashion-MNIST ViT)."""
+
+
+@teacher.command("train")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Teacher recipe TOML (default: calib/fmnist-vit-teacher.toml values).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to write (default: the embedded weights file).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epoch count.")
+@click.option("--train-subset", type=int, default=None, help="Train on this many images (recipe search).")
+def teacher_train(recipe, out, data_dir, epochs, train_subset):
+    """Train the embedded default teacher (resumes an interrupted run)."""
+    from .teacher import check_out_path, default_teacher_path, load_recipe, train_teacher
+
+    r = load_recipe(recipe)
+    if epochs is not None:
+        r.epochs = epochs
+    if train_subset is not None:
+        r.train_subset = train_subset
+    out = check_out_path(out or default_teacher_path())
+    m = train_teacher(r, out, data_dir)
+    click.echo(f"teacher: {m['params'] / 1e6:.2f} M params, val top-1 {m['val_top1']:.2f}%, "
+               f"test top-1 {m['test_top1']:.2f}%, {m['train_minutes']:.1f} min -> {out}")
+
+
+def _not_yet(verb: str):
+    @main.command(verb, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def cmd():
+        click.echo(f"mimiq-deploy {verb}: not yet available in this version", err=True)
+        sys.exit(2)
+    cmd.help = f"({verb}: not yet available)"
+    return cmd
+
+
+for _verb in ("quantize", "finetune", "export", "build", "verify", "bench"):
+    _not_yet(_verb)

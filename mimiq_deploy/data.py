@@ -1,0 +1,111 @@
+"""Evaluation and training data: Fashion-MNIST (IDX files) and ImageNet-style class folders."""
+import gzip
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from .errors import MimiqError
+
+FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mimiq-deploy" / "fashion-mnist"
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise MimiqError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise MimiqError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise MimiqError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _find_fmnist_file(name: str, data_dir: Path | None) -> Path:
+    dirs = [Path(data_dir)] if data_dir else [FMNIST_DEBIAN_DIR, FMNIST_CACHE_DIR]
+    for d in dirs:
+        for candidate in (d / name, d / name.removesuffix(".gz")):
+            if candidate.exists():
+                return candidate
+    if data_dir:
+        raise MimiqError(f"{name} not found in --data-dir {data_dir}")
+    # Neither the Debian package nor a cached copy: try the canonical download once.
+    FMNIST_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    target = FMNIST_CACHE_DIR / name
+    tmp = target.with_suffix(".partial")
+    try:
+        with urllib.request.urlopen(FMNIST_URL + name, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise MimiqError(
+            "Fashion-MNIST not found: install the Debian package (apt-get install dataset-fashion-mnist), "
+            f"or pass --data-dir with the four IDX .gz files (offline, no download possible)") from None
+    return target
+
+
+def load_fmnist(split: str, data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw Fashion-MNIST: uint8 images (N, 1, 28, 28) and int64 labels (N,)."""
+    img_name, lbl_name = FMNIST_FILES[split]
+    images = _read_idx(_find_fmnist_file(img_name, data_dir))
+    labels = _read_idx(_find_fmnist_file(lbl_name, data_dir))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise MimiqError(f"Fashion-MNIST {split} files have inconsistent shapes {images.shape} / {labels.shape}")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float, normalized by the model's pretrained_cfg mean/std."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def fmnist_eval_dataset(data_cfg: dict, data_dir: Path | None = None, split: str = "test") -> Dataset:
+    """Fashion-MNIST normalized for a model whose input is (1, 28, 28)."""
+    if tuple(data_cfg["input_size"]) != (1, 28, 28):
+        raise MimiqError(
+            f"Fashion-MNIST is 1x28x28 but the model expects {tuple(data_cfg['input_size'])}: "
+            "pass --val-dir with an ImageNet-style folder for this model")
+    images, labels = load_fmnist(split, data_dir)
+    return TensorDataset(normalize_uint8(images, data_cfg["mean"], data_cfg["std"]), labels)
+
+
+def imagenet_folder_dataset(val_dir: Path, data_cfg: dict, num_classes: int) -> Dataset:
+    """An ImageNet-style folder (one subfolder per synset, e.g. n01440764) in timm's class order."""
+    from timm.data import ImageNetInfo, create_transform
+    from torchvision.datasets import ImageFolder
+
+    val_dir = Path(val_dir)
+    if not val_dir.is_dir():
+        raise MimiqError(f"--val-dir {val_dir} is not a directory")
+    synsets = ImageNetInfo().label_names()
+    if num_classes != len(synsets):
+        raise MimiqError(f"the model has {num_classes} classes, an ImageNet folder needs {len(synsets)}")
+    index = {s: i for i, s in enumerate(synsets)}
+    transform = create_transform(**data_cfg, is_training=False)
+    ds = ImageFolder(str(val_dir), transform=transform)
+    unknown = [c for c in ds.classes if c not in index]
+    if unknown:
+        raise MimiqError(f"--val-dir subfolders must be ImageNet synsets (e.g. n01440764); unknown: {unknown[:3]}")
+    # ImageFolder numbers classes alphabetically; remap to timm's ImageNet order.
+    ds.target_transform = lambda t: index[ds.classes[t]]
+    return ds

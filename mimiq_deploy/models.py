@@ -1,0 +1,139 @@
+"""Model loading, one function for every verb: the embedded default, timm + checkpoint, or
+timm weights already in the local cache. Never downloads."""
+import os
+from pathlib import Path
+
+# Set before timm / huggingface_hub read it: weights come only from local files.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer  # noqa: E402
+
+from .attention import capture_attention  # noqa: E402
+from .errors import MimiqError  # noqa: E402
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "fmnist-vit"
+EMBEDDED = {DEFAULT_MODEL: WEIGHTS_DIR / "fmnist_vit.pt"}
+
+
+def build_fmnist_vit(arch: dict) -> VisionTransformer:
+    """The embedded default's architecture: a timm VisionTransformer, optionally with a small
+    convolutional patch stem (two stride-2 3x3 convs instead of one 4x4 patchify conv)."""
+    arch = dict(arch)
+    stem = arch.pop("stem", "patchify")
+    model = VisionTransformer(**arch)
+    if stem == "conv":
+        dim, hidden = arch["embed_dim"], arch["embed_dim"] // 2
+        model.patch_embed.proj = nn.Sequential(
+            nn.Conv2d(arch.get("in_chans", 3), hidden, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden, dim, 3, stride=2, padding=1),
+        )
+    elif stem != "patchify":
+        raise MimiqError(f"unknown stem {stem!r} (use 'patchify' or 'conv')")
+    return model
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise MimiqError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise MimiqError(f"cannot read checkpoint {path} (corrupt or not a torch file): {type(e).__name__}") from None
+    if not isinstance(ckpt, dict):
+        raise MimiqError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict")
+    return ckpt
+
+
+def _state_dict_of(ckpt: dict) -> dict:
+    """A plain state dict, or the `model` / `state_dict` entry of a training checkpoint."""
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    sd = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise MimiqError("checkpoint holds no state dict (expected tensors, or a 'model' entry)")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict, what: str, name: str) -> None:
+    result = model.load_state_dict(sd, strict=False)
+    mismatched = [k for k, v in sd.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        detail = (f"missing {result.missing_keys[:3]}" if result.missing_keys
+                  else f"unexpected {result.unexpected_keys[:3]}" if result.unexpected_keys
+                  else f"shape mismatch {mismatched[:3]}")
+        raise MimiqError(f"{what} does not match architecture {name!r} ({detail}): "
+                         f"pass the --model name the checkpoint was trained as")
+
+
+def _load_embedded(name: str) -> nn.Module:
+    path = EMBEDDED[name]
+    if not path.exists():
+        raise MimiqError(f"embedded weights missing at {path}: run `mimiq-deploy teacher train`")
+    ckpt = _read_checkpoint(path)
+    model = build_fmnist_vit(ckpt["arch"])
+    _load_into(model, ckpt["model"], f"embedded weights {path}", name)
+    model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
+    return model
+
+
+def _has_cached_weights(name: str) -> bool:
+    """True when timm's pretrained weights for `name` are already on local disk."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo = cfg.hf_hub_id.split("@")[0]
+        for fname in (cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, fname), str):
+                return True
+    if cfg.url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)).exists()
+    return False
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True) -> nn.Module:
+    """Load a teacher in eval mode, its attention captured (see attention.py).
+
+    name: the embedded default ('fmnist-vit'), or a timm model name. With `checkpoint`, the
+    weights come from that file (a plain state dict or a checkpoint with a 'model' entry);
+    without it, from timm's pretrained weights in the local Hugging Face / torch hub cache.
+    The model's preprocessing is `model.pretrained_cfg` (input_size, mean, std).
+    """
+    if name in EMBEDDED:
+        if checkpoint is not None:
+            raise MimiqError(f"{name} is embedded: drop --checkpoint, or pass a timm model name with it")
+        model = _load_embedded(name)
+    else:
+        if not timm.is_model(name):
+            raise MimiqError(f"unknown model {name!r}: use {DEFAULT_MODEL}, or a timm model name "
+                             "(e.g. deit_tiny_patch16_224) with --checkpoint PATH")
+        if checkpoint is not None:
+            sd = _state_dict_of(_read_checkpoint(Path(checkpoint)))
+            head = sd.get("head.weight")
+            kwargs = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            _load_into(model, sd, f"checkpoint {checkpoint}", name)
+        else:
+            if not _has_cached_weights(name):
+                raise MimiqError(f"no local pretrained weights for {name!r} (nothing is downloaded): "
+                                 "pass --checkpoint PATH, or put the timm weights in the Hugging Face cache")
+            model = timm.create_model(name, pretrained=True)
+    if not any(isinstance(m, TimmAttention) for m in model.modules()):
+        raise MimiqError(f"{name!r} has no timm ViT Attention blocks: supported are ViT / DeiT models")
+    if capture:
+        capture_attention(model)
+    return model.eval()
+
+
+def data_config(model: nn.Module) -> dict:
+    """input_size / mean / std / crop settings for `model`, the timm way."""
+    from timm.data import resolve_data_config
+    return resolve_data_config({}, model=model)

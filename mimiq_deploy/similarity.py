@@ -1,0 +1,45 @@
+"""SSIM with one global window: the statistics of a whole map (official MimiQ code's choice).
+
+Used by L_IHC (synthesis: heads' attention maps of one query, over the patch grid) and by
+L_HAD (fine-tuning: head outputs, statistics over tokens per channel).
+"""
+import torch
+
+C1, C2 = 0.01 ** 2, 0.03 ** 2  # SSIM constants for data range 1
+
+
+def global_ssim(x: torch.Tensor, y: torch.Tensor, dim: int = -1, luminance: bool = True) -> torch.Tensor:
+    """SSIM of x and y with statistics taken over `dim` (reduced away)."""
+    mx, my = x.mean(dim, keepdim=True), y.mean(dim, keepdim=True)
+    dx, dy = x - mx, y - my
+    vx, vy, cov = (dx * dx).mean(dim), (dy * dy).mean(dim), (dx * dy).mean(dim)
+    cs = (2 * cov + C2) / (vx + vy + C2)
+    if not luminance:
+        return cs
+    mx, my = mx.squeeze(dim), my.squeeze(dim)
+    return (2 * mx * my + C1) / (mx * mx + my * my + C1) * cs
+
+
+def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    return (x - lo) / (hi - lo + 1e-8)
+
+
+def head_pair_ssim(logits: torch.Tensor, grid: tuple[int, int], prefix: int, window: int = 0) -> torch.Tensor:
+    """SSIM between every pair of heads' attention maps for each spatial query.
+
+    logits: (B, H, N, N) scaled QK^T with `prefix` leading non-spatial tokens (CLS), which are
+    excluded as query and as key. Each head's row is min-max normalized and seen as a map on
+    the patch grid. window 0: one global window; odd window > 1: pytorch-msssim's Gaussian window.
+    Returns (B, pairs, P) SSIM values.
+    """
+    maps = minmax(logits[:, :, prefix:, prefix:])              # (B, H, P, P)
+    b, h, p, _ = maps.shape
+    i, j = torch.triu_indices(h, h, offset=1, device=maps.device)
+    a, c = maps[:, i], maps[:, j]                              # (B, pairs, P, P)
+    if window <= 1:
+        return global_ssim(a, c, dim=-1)
+    from pytorch_msssim import ssim
+    shape = (-1, 1, *grid)
+    s = ssim(a.reshape(shape), c.reshape(shape), data_range=1.0, size_average=False, win_size=window)
+    return s.view(b, len(i), p)

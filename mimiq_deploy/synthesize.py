@@ -1,0 +1,285 @@
+"""`mimiq-deploy synthesize`: MimiQ data-free calibration images.
+
+Gaussian noise in the model's normalized input space is optimized with
+L_G = L_IHC + alpha*CE + beta*TV (DESIGN.md §3). Every batch is one shard with its own seed,
+so shards are independent: an interrupted run only redoes missing shards, ranks under
+torchrun split the shards, and the result does not depend on either.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .attention import attention_modules
+from .config import dataclass_from, read_toml
+from .distributed import barrier, device_for_rank, init_from_env
+from .errors import MimiqError, atomic_torch_save
+from .similarity import head_pair_ssim
+
+SYNTH_DIR = "synth"
+
+
+@dataclasses.dataclass
+class SynthesisRecipe:
+    num_images: int = 10000
+    batch_size: int = 32
+    steps: int = 2000
+    lr: float = 0.1
+    lr_min: float = 1e-3
+    alpha: float = 1.0          # CE weight
+    beta: float = 2.5e-5        # TV weight
+    ihc: bool = True            # False: base synthesis (CE + TV)
+    noise_only: bool = False    # True: plain Gaussian noise, no optimization
+    ihc_window: int = 0         # 0: one global SSIM window; odd k > 1: Gaussian k x k window
+    jitter: int = 30            # random roll, pixels (input size / 7 is a fair choice)
+    flip: bool = True
+    color_shift: float = 0.1    # std of a per-image, per-channel offset (normalized units)
+    noise: float = 0.05         # std of per-pixel noise added each step
+    seed: int = 0
+
+
+def load_synthesis_recipe(path: str | Path | None, overrides: dict) -> SynthesisRecipe:
+    """Built-in defaults < the recipe's [synthesize] table < command-line overrides."""
+    values = {}
+    if path:
+        table = read_toml(path)
+        values = table.get("synthesize", {}) if isinstance(table.get("synthesize"), dict) else {}
+        stray = sorted(k for k in table if k not in ("synthesize", "finetune", "teacher", "meta"))
+        if stray:
+            raise MimiqError(f"unknown table(s) {stray} in recipe {path}; known: synthesize, finetune")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = dataclass_from(SynthesisRecipe, values, f"recipe {path or '(defaults)'} [synthesize]")
+    if recipe.num_images <= 0 or recipe.batch_size <= 0:
+        raise MimiqError(f"--num-images and --batch-size must be positive (got {recipe.num_images}, {recipe.batch_size})")
+    if recipe.steps < 0:
+        raise MimiqError(f"--steps must be >= 0 (got {recipe.steps})")
+    return recipe
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's L2 image prior: norms of the differences to the 4 neighbours."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
+
+
+class AttentionRecorder:
+    """Keeps every captured attention block's QK^T logits of the last forward."""
+
+    def __init__(self, model):
+        self.logits = []
+        self.handles = [m.qk.register_forward_hook(lambda _m, _i, out: self.logits.append(out))
+                        for m in attention_modules(model)]
+        if not self.handles:
+            raise MimiqError("model has no captured attention (load it with mimiq_deploy.models.load_model)")
+
+    def clear(self):
+        self.logits = []
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def ihc_similarity(recorder: AttentionRecorder, model, window: int) -> torch.Tensor:
+    """(B, layers, pairs, P) inter-head SSIM of the last forward's attention."""
+    grid = tuple(model.patch_embed.grid_size)
+    return torch.stack([head_pair_ssim(l, grid, model.num_prefix_tokens, window) for l in recorder.logits], 1)
+
+
+def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid range of normalized pixels: (0 - mean)/std .. (1 - mean)/std per channel."""
+    mean = torch.tensor(data_cfg["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data_cfg["std"], device=device).view(1, -1, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None) -> dict:
+    """One shard: `batch_size` images optimized from noise with the shard's own seed.
+
+    on_step(losses) is called after every optimization step (progress display)."""
+    gen = torch.Generator(device="cpu").manual_seed(recipe.seed * 1_000_003 + shard)
+    n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
+    shape = (n, *data_cfg["input_size"])
+    labels = torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
+    x = torch.randn(shape, generator=gen).to(device)
+    lo, hi = pixel_bounds(data_cfg, device)
+    x = torch.maximum(torch.minimum(x, hi), lo)
+    losses = {}
+    if recipe.noise_only or recipe.steps == 0:
+        return {"images": x.half().cpu(), "labels": labels.cpu(), "losses": losses}
+
+    x.requires_grad_(True)
+    opt = torch.optim.AdamW([x], lr=recipe.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.steps, eta_min=recipe.lr_min)
+    recorder = AttentionRecorder(model)
+    try:
+        for _ in range(recipe.steps):
+            dy, dx = torch.randint(-recipe.jitter, recipe.jitter + 1, (2,), generator=gen).tolist()
+            xa = torch.roll(x, (dy, dx), (2, 3))
+            if recipe.flip and torch.rand(1, generator=gen).item() < 0.5:
+                xa = xa.flip(3)
+            shift = torch.randn((n, shape[1], 1, 1), generator=gen).to(device) * recipe.color_shift
+            xa = xa + shift + torch.randn(shape, generator=gen).to(device) * recipe.noise
+            recorder.clear()
+            logits = model(xa)
+            ce = F.cross_entropy(logits, labels)
+            tv = total_variation(x)
+            loss = recipe.alpha * ce + recipe.beta * tv
+            if recipe.ihc:
+                ihc = (1 - ihc_similarity(recorder, model, recipe.ihc_window) ** 2).mean()
+                loss = loss + ihc
+                losses["ihc"] = ihc.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            losses.update(ce=ce.item(), tv=tv.item(), total=loss.item())
+            if on_step:
+                on_step(losses)
+    finally:
+        recorder.remove()
+    stored = x.detach().half()
+    with torch.no_grad():  # judged on the stored (fp16) images, as fine-tuning will see them
+        losses["teacher_top1"] = 100.0 * (model(stored.float()).argmax(-1) == labels).float().mean().item()
+    return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses}
+
+
+def manifest_path(run_dir: Path) -> Path:
+    return Path(run_dir) / SYNTH_DIR / "manifest.json"
+
+
+def shard_path(run_dir: Path, shard: int) -> Path:
+    return Path(run_dir) / SYNTH_DIR / f"shard_{shard:05d}.pt"
+
+
+def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
+    path = manifest_path(run_dir)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("model") != header["model"]:
+            raise MimiqError(f"{run_dir} holds shards of model {old.get('model')!r}, not {header['model']!r}: "
+                             "use another --out")
+        if old.get("recipe") != header["recipe"]:
+            changed = sorted(k for k in header["recipe"] if old.get("recipe", {}).get(k) != header["recipe"][k])
+            raise MimiqError(f"{run_dir} holds shards made with another recipe (differs in {changed}): use another --out")
+        return
+    if rank == 0:
+        _write_json(path, header)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, progress: bool = True) -> dict:
+    """Write all missing shards of the synthetic set into run_dir/synth; returns the manifest."""
+    from .models import data_config
+
+    rank, world = init_from_env()
+    device = device_for_rank(rank)
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data_cfg = data_config(model)
+    num_shards = math.ceil(recipe.num_images / recipe.batch_size)
+    header = {"model": model_name, "recipe": dataclasses.asdict(recipe), "num_shards": num_shards,
+              "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
+              "num_classes": model.num_classes, "kind": _kind(recipe)}
+    _check_or_write_manifest(run_dir, header, rank)
+    barrier()
+    mine = [s for s in range(rank, num_shards, world) if not shard_path(run_dir, s).exists()]
+    steps = 1 if recipe.noise_only else max(1, recipe.steps)
+    done_images = recipe.num_images - sum(min(recipe.batch_size, recipe.num_images - s * recipe.batch_size)
+                                          for s in range(num_shards) if not shard_path(run_dir, s).exists())
+    bar = tqdm(total=len(mine) * steps, unit="step", disable=not progress or rank != 0 and world > 1,
+               desc=f"synthesize{f' rank {rank}' if world > 1 else ''}")
+    t0, work = time.time(), 0
+    for shard in mine:
+        def on_step(losses):
+            bar.update(1)
+            bar.set_postfix(images=f"{done_images}/{recipe.num_images}",
+                            **{k: f"{v:.3g}" for k, v in losses.items() if k != "total"}, refresh=False)
+        out = synthesize_batch(model, recipe, data_cfg, shard, device, on_step)
+        if recipe.noise_only or recipe.steps == 0:
+            bar.update(1)
+        atomic_torch_save({**out, "shard": shard}, shard_path(run_dir, shard))
+        done_images += len(out["labels"])
+        work += len(out["labels"]) * steps
+    bar.close()
+    elapsed = time.time() - t0
+    barrier()
+    return finalize_manifest(run_dir, {"images_steps_per_s": work / elapsed if elapsed > 0 and work else None}
+                             if rank == 0 else None)
+
+
+def _kind(recipe: SynthesisRecipe) -> str:
+    return "noise" if recipe.noise_only else "mimiq" if recipe.ihc else "base"
+
+
+def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
+    """Summarize the finished shards (losses, teacher accuracy) into the manifest."""
+    path = manifest_path(run_dir)
+    manifest = json.loads(path.read_text())
+    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    n = sum(len(s["labels"]) for s in shards)
+    stats = {}
+    for key in ("ihc", "ce", "tv", "teacher_top1"):
+        vals = [(s["losses"][key], len(s["labels"])) for s in shards if key in s["losses"]]
+        if vals:
+            stats[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    manifest.update(complete=True, num_images_done=n, final_losses=stats)
+    if timing and timing.get("images_steps_per_s"):
+        manifest["images_steps_per_s"] = timing["images_steps_per_s"]
+    if timing is not None:
+        _write_json(path, manifest)
+    return manifest
+
+
+def is_complete(run_dir: Path) -> bool:
+    path = manifest_path(run_dir)
+    return path.exists() and json.loads(path.read_text()).get("complete", False)
+
+
+def load_synthetic(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """All shards of run_dir/synth as (float images, labels, manifest)."""
+    path = manifest_path(run_dir)
+    if not path.exists():
+        raise MimiqError(f"no synthetic data in {run_dir} ({path} missing): run `mimiq-deploy synthesize` first")
+    manifest = json.loads(path.read_text())
+    missing = [s for s in range(manifest["num_shards"]) if not shard_path(run_dir, s).exists()]
+    if missing:
+        raise MimiqError(f"{run_dir} misses {len(missing)} of {manifest['num_shards']} shards: rerun synthesize to finish")
+    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    return torch.cat([s["images"] for s in shards]).float(), torch.cat([s["labels"] for s in shards]), manifest
+
+
+@torch.no_grad()
+def mean_inter_head_similarity(model, images: torch.Tensor, batch_size: int = 64, window: int = 0) -> float:
+    """Mean |SSIM| between heads' attention maps of the same query, over layers, queries, pairs."""
+    model.eval()
+    recorder = AttentionRecorder(model)
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(images), batch_size):
+            recorder.clear()
+            model(images[i:i + batch_size])
+            sim = ihc_similarity(recorder, model, window).abs()
+            total += sim.sum().item()
+            count += sim.numel()
+    finally:
+        recorder.remove()
+    return total / max(1, count)

@@ -1,0 +1,20 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run `mimiq-deploy ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mimiq_deploy", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
