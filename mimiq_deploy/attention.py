@@ -7,6 +7,7 @@ The math is timm's non-fused path, so logits match timm's own forward.
 """
 import torch
 from torch import nn
+from timm.layers import maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import Attention as TimmAttention
 
 
@@ -32,21 +33,24 @@ class ExplicitAttention(nn.Module):
         self.norm = getattr(attn, "norm", nn.Identity())
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
+        self.gate = getattr(attn, "gate", None)
         self.qk = MatMul()
         self.av = MatMul()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         attn = self.qk(q * self.scale, k.transpose(-2, -1))
-        if attn_mask is not None:
-            attn = attn + attn_mask
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.av(attn, v)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
 
 def capture_attention(model: nn.Module) -> nn.Module:

@@ -81,6 +81,52 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
     click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
 
 
+@main.command()
+@model_option
+@checkpoint_option
+@click.option("--data", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="Run directory holding the synthetic images.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where student.pt goes (default: the --data run directory).")
+@click.option("--bits", default="w4a8", show_default=True, help="wXaY: X-bit weights, Y-bit activations.")
+@click.option("--epochs", type=int, default=None, help="0 = calibration only (PTQ).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--gamma", type=float, default=None, help="L_HAD weight.")
+@click.option("--no-had", is_flag=True, help="KL only (ablation).")
+@click.option("--seed", type=int, default=None)
+@recipe_option
+def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had, seed, recipe):
+    """Head-distilled QAT of the fake-quant student (resumes after an interruption)."""
+    from .finetune import finetune as run, load_finetune_recipe
+    from .models import load_model
+    from .quant import parse_bits
+    from .recipes import resolve_recipe_path
+
+    cfg = parse_bits(bits)
+    r = load_finetune_recipe(resolve_recipe_path(recipe, model_name),
+                             dict(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, seed=seed,
+                                  had=False if no_had else None))
+    out_dir = out_dir or run_dir
+    if out_dir != run_dir:
+        _link_synthetic(run_dir, out_dir)
+    meta = run(load_model(model_name, checkpoint), model_name, checkpoint, out_dir, cfg, r)
+    click.echo(f"student {cfg.name} written to {Path(out_dir) / 'student.pt'} "
+               f"({len(meta['history'])} epochs, {meta['train_minutes']:.1f} min)")
+
+
+def _link_synthetic(src: Path, dst: Path) -> None:
+    """Let a new run directory reuse another's synthetic set without copying it."""
+    from .synthesize import SYNTH_DIR, manifest_path
+
+    if not manifest_path(src).exists():
+        raise MimiqError(f"no synthetic data in {src}: run `mimiq-deploy synthesize --out {src}` first")
+    dst.mkdir(parents=True, exist_ok=True)
+    link = dst / SYNTH_DIR
+    if not link.exists():
+        link.symlink_to(Path(src).resolve() / SYNTH_DIR, target_is_directory=True)
+
+
 @main.command("inspect-attention")
 @model_option
 @checkpoint_option
@@ -155,5 +201,5 @@ def _not_yet(verb: str):
     return cmd
 
 
-for _verb in ("quantize", "finetune", "export", "build", "verify", "bench"):
+for _verb in ("quantize", "export", "build", "verify", "bench"):
     _not_yet(_verb)

@@ -106,7 +106,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
     weights come from that file (a plain state dict or a checkpoint with a 'model' entry);
     without it, from timm's pretrained weights in the local Hugging Face / torch hub cache.
     The model's preprocessing is `model.pretrained_cfg` (input_size, mean, std).
+    A path to a fine-tuned `student.pt` loads that fake-quant student.
     """
+    if name.endswith(".pt") or os.sep in name:
+        from .finetune import load_student
+        if not Path(name).is_file():
+            raise MimiqError(f"student checkpoint not found: {name}")
+        return load_student(Path(name))
     if name in EMBEDDED:
         if checkpoint is not None:
             raise MimiqError(f"{name} is embedded: drop --checkpoint, or pass a timm model name with it")

@@ -34,8 +34,8 @@ def test_hooks_see_per_head_tensors():
     model = load_model("fmnist-vit")
     seen = {}
     attn = attention_modules(model)[0]
-    attn.qk.register_forward_hook(lambda m, i, o: seen.setdefault("qk", o.shape))
-    attn.av.register_forward_hook(lambda m, i, o: seen.setdefault("av", o.shape))
+    attn.qk.register_forward_hook(lambda m, i, o: seen.update(qk=o.shape) and None)
+    attn.av.register_forward_hook(lambda m, i, o: seen.update(av=o.shape) and None)
     with torch.no_grad():
         model(torch.randn(3, 1, 28, 28))
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens

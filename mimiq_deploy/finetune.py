@@ -1,0 +1,237 @@
+"""`mimiq-deploy finetune`: head-distilled QAT of the fake-quant student on synthetic images.
+
+loss = KL(teacher || student) at temperature T (times T^2) + gamma * L_HAD, where L_HAD
+compares each head's output softmax(QK^T)V of teacher and student (CLS dropped) with SSIM
+without the luminance term, statistics over tokens per channel: 1 - mean SSIM.
+SGD nesterov, step lr decay, SimCLR-style augmentation (DESIGN.md §3).
+"""
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+from .attention import attention_modules
+from .config import dataclass_from, read_toml
+from .distributed import barrier, device_for_rank, init_from_env
+from .errors import MimiqError, atomic_torch_save
+from .quant import QuantConfig, calibrate, quantize_model
+from .similarity import global_ssim
+
+STUDENT_FILE = "student.pt"
+STATE_FILE = "finetune_state.pt"
+
+
+@dataclasses.dataclass
+class FinetuneRecipe:
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    momentum: float = 0.9
+    milestones: list = dataclasses.field(default_factory=lambda: [50, 100])
+    lr_decay: float = 0.1
+    temperature: float = 5.0
+    gamma: float = 10.0          # L_HAD weight
+    had: bool = True             # False: KL only (ablation)
+    augment: bool = True         # SimCLR-style augmentation of synthetic batches
+    calib_images: int = 512      # images for the step-size calibration pass
+    seed: int = 0
+
+
+def load_finetune_recipe(path: str | Path | None, overrides: dict) -> FinetuneRecipe:
+    values = {}
+    if path:
+        table = read_toml(path).get("finetune", {})
+        values = dict(table) if isinstance(table, dict) else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = dataclass_from(FinetuneRecipe, values, f"recipe {path or '(defaults)'} [finetune]")
+    if recipe.epochs < 0 or recipe.batch_size <= 0:
+        raise MimiqError(f"--epochs must be >= 0 and batch size > 0 (got {recipe.epochs}, {recipe.batch_size})")
+    return recipe
+
+
+class SimCLRAugment:
+    """Random resized crop, flip, colour jitter, grayscale and blur, per image, in pixel space."""
+
+    def __init__(self, mean, std, size):
+        from torchvision.transforms import v2
+        channels = len(mean)
+        jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1) if channels == 3 else v2.ColorJitter(0.4, 0.4)
+        ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+               v2.RandomApply([jitter], p=0.8)]
+        if channels == 3:
+            ops.append(v2.RandomGrayscale(p=0.2))
+        kernel = max(3, (size[0] // 10) | 1)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        self.transform = v2.Compose(ops)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        pixels = (x * std + mean).clamp(0, 1)
+        out = torch.stack([self.transform(img) for img in pixels])
+        return (out - mean) / std
+
+
+class HeadOutputRecorder:
+    """Each captured attention block's head outputs softmax(QK^T)V of the last forward."""
+
+    def __init__(self, model):
+        self.outputs = []
+        self.handles = [m.av.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
+                        for m in attention_modules(model)]
+
+    def clear(self):
+        self.outputs = []
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def had_loss(teacher_heads, student_heads, prefix: int) -> torch.Tensor:
+    """1 - mean SSIM (no luminance term, stats over tokens per channel) over layers and heads."""
+    sims = [global_ssim(t[:, :, prefix:].detach(), s[:, :, prefix:], dim=2, luminance=False).mean()
+            for t, s in zip(teacher_heads, student_heads)]
+    return 1 - torch.stack(sims).mean()
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(student_logits / temperature, -1), F.softmax(teacher_logits / temperature, -1),
+                    reduction="batchmean") * temperature ** 2
+
+
+def build_student(teacher, cfg: QuantConfig):
+    """A deep copy of the teacher with fake quantizers (weights' step sizes initialized)."""
+    return quantize_model(copy.deepcopy(teacher), cfg)
+
+
+def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
+    atomic_torch_save({"format": "mimiq-student-v1", "model_name": model_name,
+                       "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+                       "bits": cfg.name, "state_dict": student.state_dict(),
+                       "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
+
+
+def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cfg: QuantConfig,
+             recipe: FinetuneRecipe, progress: bool = True) -> dict:
+    """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt.
+
+    Resumable: run_dir/finetune_state.pt holds the state after each epoch.
+    """
+    from .synthesize import load_synthetic
+
+    run_dir = Path(run_dir)
+    images, _, manifest = load_synthetic(run_dir)
+    if manifest.get("model") != model_name:
+        raise MimiqError(f"{run_dir} holds images of {manifest.get('model')!r}, not {model_name!r}")
+    rank, world = init_from_env()
+    device = device_for_rank(rank)
+    torch.manual_seed(recipe.seed)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = build_student(teacher, cfg)
+    calibrate(student, images[:recipe.calib_images].to(device))
+
+    state_path = run_dir / STATE_FILE
+    signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
+    start_epoch, history, seconds = 0, [], 0.0
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["signature"] != signature:
+            raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
+                             "other recipe): remove it or use another run directory")
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
+        if rank == 0 and start_epoch < recipe.epochs:
+            print(f"resuming fine-tuning at epoch {start_epoch + 1}/{recipe.epochs}")
+
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    data = TensorDataset(images)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
+    gen = torch.Generator().manual_seed(recipe.seed)
+    augment = SimCLRAugment(manifest["mean"], manifest["std"], tuple(manifest["input_size"][1:])) if recipe.augment else None
+    t_rec, s_rec = HeadOutputRecorder(teacher), HeadOutputRecorder(student)
+    prefix = teacher.num_prefix_tokens
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            t0 = time.time()
+            if sampler:
+                sampler.set_epoch(epoch)
+            gen.manual_seed(recipe.seed * 1000 + epoch)  # the epoch's order does not depend on a resume
+            loader = DataLoader(data, recipe.batch_size, shuffle=sampler is None, sampler=sampler,
+                                generator=gen, drop_last=True)
+            model.train()
+            sums = {"loss": 0.0, "kl": 0.0, "had": 0.0}
+            bar = tqdm(loader, desc=f"finetune {cfg.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
+                       disable=not progress or rank != 0)
+            for (x,) in bar:
+                x = x.to(device)
+                if augment:
+                    x = augment(x)
+                t_rec.clear(), s_rec.clear()
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                s_logits = model(x)
+                kl = kd_loss(s_logits, t_logits, recipe.temperature)
+                loss = kl
+                if recipe.had:
+                    had = had_loss(t_rec.outputs, s_rec.outputs, prefix)
+                    loss = loss + recipe.gamma * had
+                    sums["had"] += had.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sums["loss"] += loss.item()
+                sums["kl"] += kl.item()
+                bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
+            sched.step()
+            seconds += time.time() - t0
+            n = max(1, len(loader))
+            history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"]})
+            if rank == 0:
+                tqdm.write(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]['loss']:.4f} "
+                           f"kl {history[-1]['kl']:.4f} had {history[-1]['had']:.4f} ({seconds / 60:.1f} min)")
+                atomic_torch_save({"signature": signature, "student": student.state_dict(), "opt": opt.state_dict(),
+                                   "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                   "epoch": epoch + 1, "history": history, "seconds": seconds}, state_path)
+            barrier()
+    finally:
+        t_rec.remove(), s_rec.remove()
+    meta = {"recipe": dataclasses.asdict(recipe), "history": history, "train_minutes": seconds / 60,
+            "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
+    if rank == 0:
+        save_student(run_dir / STUDENT_FILE, student.cpu(), model_name, checkpoint, cfg, meta)
+        (run_dir / "finetune.json").write_text(json.dumps({"bits": cfg.name, **meta}, indent=2))
+    barrier()
+    return meta
+
+
+def load_student(path: Path):
+    """The fake-quant student of a `student.pt`, in eval mode."""
+    from .models import _read_checkpoint, load_model
+    from .quant import parse_bits
+
+    ckpt = _read_checkpoint(Path(path))
+    if ckpt.get("format") != "mimiq-student-v1":
+        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
+    teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"])
+    student = build_student(teacher, parse_bits(ckpt["bits"]))
+    student.load_state_dict(ckpt["state_dict"])
+    student.model_name = ckpt["model_name"]
+    return student.eval()

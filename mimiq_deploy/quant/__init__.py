@@ -1,0 +1,6 @@
+"""Fake quantization that equals ONNX QuantizeLinear -> DequantizeLinear bit for bit."""
+from .config import QuantConfig, parse_bits
+from .convert import calibrate, quant_modules, quantize_model
+from .quantizer import TensorQuantizer, fake_quant
+
+__all__ = ["QuantConfig", "parse_bits", "quantize_model", "calibrate", "quant_modules", "TensorQuantizer", "fake_quant"]

@@ -1,0 +1,77 @@
+"""Convert a (captured) timm ViT into its fake-quant student, and calibrate its step sizes.
+
+Quantized (DESIGN.md §4): inputs and weights of every Linear and Conv2d (qkv, proj, fc1,
+fc2, head, patch embedding), and both operands of both attention matmuls. LayerNorm,
+softmax input, GELU, residual adds, embeddings and biases stay in float.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import MatMul
+from .config import QuantConfig
+from .quantizer import TensorQuantizer
+
+
+class QuantLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantMatMul(MatMul):
+    def forward(self, a, b):
+        return self.a_quant(a) @ self.b_quant(b)
+
+
+def _quantized_copy(module: nn.Module, cfg: QuantConfig) -> nn.Module:
+    if isinstance(module, MatMul):
+        q = QuantMatMul()
+        q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+        q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+        return q
+    q = QuantLinear.__new__(QuantLinear) if isinstance(module, nn.Linear) else QuantConv2d.__new__(QuantConv2d)
+    q.__dict__.update(module.__dict__)  # same parameters and settings, new forward
+    q._modules = dict(module._modules)
+    q.input_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+    q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0])
+    q.weight_quant.init_from_weight(module.weight)
+    return q
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Replace Linear / Conv2d / MatMul modules of `model` in place by fake-quant twins."""
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) in (nn.Linear, nn.Conv2d, MatMul)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized_copy(module, cfg))
+    model.quant_config = cfg
+    return model
+
+
+def quant_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for q in quant_modules(model).values():
+        q.enabled = enabled
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> None:
+    """Initialize activation step sizes from one float pass over `images` (MSE-optimal clipping)."""
+    model.eval()
+    activation_quants = [q for q in quant_modules(model).values() if q.axis is None]
+    for q in activation_quants:
+        q.calibrating = True
+    for i in range(0, len(images), batch_size):
+        model(images[i:i + batch_size])
+    for q in activation_quants:
+        q.finish_calibration()

@@ -1,0 +1,117 @@
+"""The tensor quantizer: symmetric, zero point 0, learned step size (LSQ).
+
+Forward is exactly QuantizeLinear -> DequantizeLinear of ONNX: q = saturate(round_half_even(x / s)),
+y = q * s, computed in float32 with the same division, so exported graphs reproduce the codes.
+Backward is LSQ (Esser et al. 2020): straight-through inside the range, and the step size
+gradient scaled by 1 / sqrt(numel * qmax).
+"""
+import math
+
+import torch
+from torch import nn
+
+
+def qrange(bits: int, narrow: bool) -> tuple[int, int]:
+    """Signed integer range: narrow (+-(2^(b-1)-1)) for weights, full for activations."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if narrow else -qmax - 1), qmax
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear -> DequantizeLinear with zero point 0 (no gradient)."""
+    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, grad_scale):
+        v = x / scale
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        ctx.save_for_backward(v, q)
+        ctx.grad_scale, ctx.qmin, ctx.qmax, ctx.scale_shape = grad_scale, qmin, qmax, scale.shape
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, q = ctx.saved_tensors
+        inside = (v >= ctx.qmin) & (v <= ctx.qmax)
+        grad_x = grad * inside
+        # d(q*s)/ds = round(v) - v inside the range, the clipping bound outside it.
+        grad_s = grad * torch.where(inside, q - v, q) * ctx.grad_scale
+        dims = [d for d in range(grad.dim()) if d >= len(ctx.scale_shape) or ctx.scale_shape[d] == 1] \
+            if len(ctx.scale_shape) else list(range(grad.dim()))
+        grad_s = grad_s.sum(dim=dims, keepdim=True) if dims else grad_s
+        return grad_x, grad_s.reshape(ctx.scale_shape), None, None, None
+
+
+class TensorQuantizer(nn.Module):
+    """Owns its state (bits, scale, axis, enabled) so export reads the module, not the training loop.
+
+    axis None: one scale per tensor (activations); axis 0: one per output channel (weights).
+    """
+
+    def __init__(self, bits: int, narrow: bool, axis: int | None = None, channels: int = 1):
+        super().__init__()
+        self.bits, self.narrow, self.axis = bits, narrow, axis
+        self.qmin, self.qmax = qrange(bits, narrow)
+        self.scale = nn.Parameter(torch.ones(channels if axis is not None else ()))
+        self.enabled = True
+        self.calibrating = False
+        self._samples: list[torch.Tensor] = []
+
+    def _broadcast_scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis is None:
+            return self.scale
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return self.scale.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self._collect(x.detach())
+            return x
+        if not self.enabled:
+            return x
+        scale = self._broadcast_scale(x)
+        per_scale = x.numel() / max(1, self.scale.numel())
+        return _LsqFakeQuant.apply(x, scale, self.qmin, self.qmax, 1.0 / math.sqrt(per_scale * self.qmax))
+
+    # --- calibration: step size from observed tensors before training ---
+    def _collect(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1).float()
+        if flat.numel() > 65536:  # a fixed-stride subsample keeps memory bounded and deterministic
+            flat = flat[:: flat.numel() // 65536 + 1]
+        self._samples.append(flat)
+
+    @torch.no_grad()
+    def init_from_weight(self, w: torch.Tensor) -> None:
+        """Per-channel step size minimizing the MSE of the quantized weight (grid over clip ratios)."""
+        w = w.detach().flatten(1) if self.axis is not None else w.detach().reshape(1, -1)
+        amax = w.abs().amax(1).clamp_min(1e-8)
+        best, best_err = amax / self.qmax, None
+        for ratio in torch.linspace(0.5, 1.0, 26):
+            s = (amax * ratio / self.qmax).unsqueeze(1)
+            err = (fake_quant(w, s, self.qmin, self.qmax) - w).pow(2).mean(1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best = torch.where(better, s.squeeze(1), best)
+                best_err = torch.minimum(err, best_err)
+        self.scale.copy_(best.reshape(self.scale.shape))
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Per-tensor step size minimizing the MSE on the collected activations."""
+        self.calibrating = False
+        if not self._samples:
+            return
+        x = torch.cat(self._samples)
+        self._samples = []
+        amax = x.abs().max().clamp_min(1e-8)
+        candidates = [amax * r / self.qmax for r in torch.linspace(0.1, 1.0, 46)]
+        errors = [(fake_quant(x, s, self.qmin, self.qmax) - x).pow(2).mean() for s in candidates]
+        self.scale.copy_(candidates[int(torch.stack(errors).argmin())].reshape(self.scale.shape))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, narrow={self.narrow}, axis={self.axis}, enabled={self.enabled}"

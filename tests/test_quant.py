@@ -1,0 +1,81 @@
+"""Fake quantization must equal ONNX QuantizeLinear -> DequantizeLinear in ONNX Runtime, to the bit."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mimiq_deploy.errors import MimiqError
+from mimiq_deploy.quant import QuantConfig, TensorQuantizer, parse_bits
+
+
+def _ort_qdq(x: np.ndarray, scale: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(integer codes, dequantized values) from ONNX Runtime."""
+    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
+    zp = np.zeros(scale.shape, dtype=np.int8)
+    attrs = {"axis": axis} if axis is not None else {}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], **attrs),
+             helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT32)]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape),
+         helper.make_tensor_value_info("codes", TensorProto.INT32, x.shape)],
+        [numpy_helper.from_array(scale.astype(np.float32), "scale"),
+         helper.make_tensor("zp", qtype, zp.shape, zp.flatten().tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, codes = sess.run(None, {"x": x})
+    return codes, y
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_fake_quant_equals_onnx_qdq(bits, kind):
+    torch.manual_seed(bits)
+    if kind == "activation":
+        x = torch.randn(4, 50, 64) * 3
+        q = TensorQuantizer(bits, narrow=False)
+        q.scale.data.fill_(0.37 if bits == 4 else 0.023)
+        axis = None
+    else:
+        x = torch.randn(48, 64) * torch.rand(48, 1)
+        q = TensorQuantizer(bits, narrow=True, axis=0, channels=48)
+        q.init_from_weight(x)
+        axis = 0
+        module_codes = torch.round(q(x * 4) / q._broadcast_scale(x))  # far outside the range
+        assert module_codes.min() == -(2 ** (bits - 1) - 1)  # narrow range: -2^(b-1) never used
+        # Export stores these codes for DequantizeLinear; the QuantizeLinear twin agrees on them.
+        x = torch.maximum(torch.minimum(x, q.qmax * q._broadcast_scale(x)), q.qmin * q._broadcast_scale(x)).detach()
+    # Values exactly half-way between two codes exercise round-half-to-even. (Weights never reach
+    # -2^(b-1): export stores their narrow-range codes, QuantizeLinear does not see them.)
+    x.view(-1)[:14] = (torch.arange(14) - 7 + 0.5) * q.scale.detach().reshape(-1)[0]
+    ours = q(x).detach().numpy()
+    codes, theirs = _ort_qdq(x.numpy(), q.scale.detach().numpy(), bits, axis)
+    assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
+    ours_codes = np.rint(ours / q._broadcast_scale(x).detach().numpy())
+    assert np.array_equal(ours_codes, codes)
+    assert codes.min() >= q.qmin and codes.max() <= q.qmax
+
+
+def test_lsq_gradients():
+    q = TensorQuantizer(4, narrow=False)
+    q.scale.data.fill_(0.5)
+    x = torch.tensor([0.2, 1.3, -5.0, 10.0], requires_grad=True)
+    q(x).sum().backward()
+    # Straight-through inside [-8, 7] * 0.5, zero outside.
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+    # d/ds: round(v) - v inside; qmin / qmax outside; times 1/sqrt(N * qmax).
+    v = x.detach() / 0.5
+    expected = ((torch.round(v[:2]) - v[:2]).sum() + (-8) + 7) / (4 * 7) ** 0.5
+    assert torch.isclose(q.scale.grad, expected)
+
+
+def test_parse_bits():
+    assert parse_bits("w4a8") == QuantConfig(4, 8)
+    assert parse_bits("W8A8").name == "w8a8"
+    for bad in ("w1a8", "w4a9", "int8", "w16a16"):
+        with pytest.raises(MimiqError, match="unsupported bit setting"):
+            parse_bits(bad)
