@@ -127,6 +127,90 @@ def _link_synthetic(src: Path, dst: Path) -> None:
         link.symlink_to(Path(src).resolve() / SYNTH_DIR, target_is_directory=True)
 
 
+run_dir_argument = click.argument("run_dir", type=click.Path(path_type=Path))
+
+
+@main.command()
+@run_dir_argument
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Deployment config TOML (export/default.toml holds the defaults).")
+def export(run_dir, config_path):
+    """Fold the student's learned scales into ONNX QDQ graphs (ORT FP32, TensorRT FP16)."""
+    from .export import export_student, load_export_config
+    from .finetune import load_student
+    from .verify import _student_path
+
+    manifest = export_student(load_student(_student_path(run_dir)), run_dir, load_export_config(config_path),
+                              progress=click.echo)
+    for note in manifest["notes"].values():
+        click.echo(note)
+
+
+@main.command()
+@click.argument("onnx_path", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), required=True)
+def check(onnx_path, target):
+    """Static conformance of a QDQ graph with what the target engine runs."""
+    import onnx
+
+    from .check import check_graph
+
+    if not onnx_path.is_file():
+        raise MimiqError(f"ONNX file not found: {onnx_path}")
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:
+        raise MimiqError(f"cannot read {onnx_path} as ONNX: {type(e).__name__}") from None
+    violations = check_graph(model, target)
+    for v in violations:
+        click.echo(v)
+    if violations:
+        raise MimiqError(f"{onnx_path}: {len(violations)} violation(s) for {target}")
+    click.echo(f"{onnx_path}: conforms to {target}")
+
+
+@main.command("build")
+@run_dir_argument
+def build_cmd(run_dir):
+    """ONNX Runtime sessions and TensorRT engines from the exported graphs, plus the model repository."""
+    from .build import build
+
+    build(run_dir, progress=click.echo)
+
+
+@main.command("verify")
+@run_dir_argument
+@click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder of synset subfolders.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+@click.option("--limit", type=int, default=None, help="Verify on the first N eval images only.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(run_dir, val_dir, data_dir, limit, as_json):
+    """Deployed artifacts vs the fake-quant student: agreement, cosine, max error, accuracy."""
+    from .verify import format_verify, verify
+
+    report = verify(run_dir, val_dir, data_dir, limit, progress=not as_json)
+    click.echo(json.dumps(report) if as_json else format_verify(report))
+    if report["failed"]:
+        raise MimiqError(f"below the verify thresholds: {', '.join(report['failed'])}")
+
+
+@main.command("bench")
+@run_dir_argument
+@click.option("--batch", default=None, help="Comma-separated batch sizes (default: from the export config).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_cmd(run_dir, batch, as_json):
+    """Latency p50/p90/p99 and throughput of each artifact and its float twin."""
+    from .bench import bench, format_bench
+    from .build import read_export_manifest
+
+    try:
+        sizes = [int(b) for b in batch.split(",")] if batch else read_export_manifest(run_dir)["config"]["batch_sizes"]
+    except ValueError:
+        raise MimiqError(f"--batch takes comma-separated integers, got {batch!r}") from None
+    report = bench(run_dir, sizes, progress=(lambda m: None) if as_json else click.echo)
+    click.echo(json.dumps(report) if as_json else format_bench(report))
+
+
 @main.command("inspect-attention")
 @model_option
 @checkpoint_option
@@ -201,5 +285,5 @@ def _not_yet(verb: str):
     return cmd
 
 
-for _verb in ("quantize", "export", "build", "verify", "bench"):
+for _verb in ("quantize",):
     _not_yet(_verb)

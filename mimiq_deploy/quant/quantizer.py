@@ -44,6 +44,20 @@ class _LsqFakeQuant(torch.autograd.Function):
         return grad_x, grad_s.reshape(ctx.scale_shape), None, None, None
 
 
+class _OnnxFakeQuant(torch.autograd.Function):
+    """Placeholder node `mimiq::FakeQuant` in exported graphs; export.py lowers it to Q/DQ."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits: int, narrow: int, axis: int):
+        return x.clone()  # a fresh tensor: the tracer cannot record an op that returns its input
+
+    @staticmethod
+    def symbolic(g, x, scale, bits, narrow, axis):
+        out = g.op("mimiq::FakeQuant", x, scale, bits_i=bits, narrow_i=narrow, axis_i=axis)
+        out.setType(x.type())  # shape and dtype pass through (convolution export needs them)
+        return out
+
+
 class TensorQuantizer(nn.Module):
     """Owns its state (bits, scale, axis, enabled) so export reads the module, not the training loop.
 
@@ -72,6 +86,8 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if torch.onnx.is_in_onnx_export():
+            return _OnnxFakeQuant.apply(x, self.scale, self.bits, int(self.narrow), -1 if self.axis is None else self.axis)
         scale = self._broadcast_scale(x)
         per_scale = x.numel() / max(1, self.scale.numel())
         return _LsqFakeQuant.apply(x, scale, self.qmin, self.qmax, 1.0 / math.sqrt(per_scale * self.qmax))

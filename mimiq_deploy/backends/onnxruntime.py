@@ -1,0 +1,46 @@
+"""ONNX Runtime: CPU, and the CUDA execution provider where onnxruntime-gpu and a GPU are present."""
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def providers(self) -> list[str]:
+        import onnxruntime as ort
+        have = ort.get_available_providers()
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+    def build(self, onnx_path: Path, out_path: Path, provider: str = "CPUExecutionProvider", **_) -> dict:
+        """Optimize once and keep the optimized graph: it tells which kernels run (integer or float)."""
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(out_path)
+        ort.InferenceSession(str(onnx_path), so, providers=[provider])
+        ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
+        integer = {k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
+                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger")}
+        return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
+                ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
+
+    def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0):
+        import onnxruntime as ort
+        provider = provider or "CPUExecutionProvider"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(onnx_path), so, providers=[provider])
+        name = sess.get_inputs()[0].name
+        dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return sess.run(None, {name: x.astype(dtype, copy=False)})[0].astype(np.float32)
+        return run

@@ -1,0 +1,78 @@
+"""`mimiq-deploy check`: static conformance of a QDQ graph with what the engines run (DESIGN.md §4-5)."""
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+FLOAT_ONLY = ("LayerNormalization", "Softmax")  # never fed by a DQ: they run in float
+
+
+def _constants(model: onnx.ModelProto) -> dict:
+    values = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    return values
+
+
+def _is_residual_add(node, producers, consts) -> bool:
+    """An Add of two computed tensors (not a bias add): the residual stream of a ViT block."""
+    return node.op_type == "Add" and all(i not in consts for i in node.input) and \
+        all(i in producers for i in node.input)
+
+
+def check_graph(model: onnx.ModelProto, target: str) -> list[str]:
+    """Violations as 'node name: what is wrong'; empty when the graph conforms."""
+    if target not in ("tensorrt", "onnxruntime"):
+        raise ValueError(f"unknown target {target!r}")
+    problems = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 21:
+        problems.append(f"(model): opset {opset}, INT4 QDQ needs opset 21")
+    consts = _constants(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{node.name}: custom-domain op {node.domain}::{node.op_type}")
+            continue
+        if node.op_type not in QDQ:
+            continue
+        scale_name = node.input[1]
+        if scale_name not in consts:
+            problems.append(f"{node.name}: scale {scale_name} is not a constant")
+        else:
+            scale = numpy_helper.to_array(consts[scale_name])
+            if not np.all(scale > 0):
+                problems.append(f"{node.name}: scale has non-positive values")
+        if len(node.input) > 2 and node.input[2]:
+            zp = consts.get(node.input[2])
+            if zp is None:
+                problems.append(f"{node.name}: zero point is not a constant")
+            elif np.any(numpy_helper.to_array(zp) != 0):
+                problems.append(f"{node.name}: zero point is not zero")
+        on_weight = node.op_type == "DequantizeLinear" and node.input[0] in consts
+        if not on_weight:
+            if scale_name in consts and numpy_helper.to_array(consts[scale_name]).size != 1:
+                problems.append(f"{node.name}: activation scale is not per-tensor")
+        if node.op_type == "QuantizeLinear":
+            src = producers.get(node.input[0])
+            if src is not None and _is_residual_add(src, producers, consts):
+                problems.append(f"{node.name}: quantizes the residual stream (output of {src.name})")
+            zp = consts.get(node.input[2]) if len(node.input) > 2 else None
+            if target == "tensorrt" and zp is not None and zp.data_type == TensorProto.INT4:
+                problems.append(f"{node.name}: INT4 activation quantization (TensorRT has INT4 weights only)")
+        if node.op_type == "DequantizeLinear":
+            for c in consumers[node.output[0]]:
+                if c.op_type in FLOAT_ONLY or _is_residual_add(c, producers, consts):
+                    problems.append(f"{node.name}: feeds {c.op_type} {c.name}, which must stay in float")
+            if target == "tensorrt" and on_weight and consts[node.input[0]].data_type == TensorProto.INT4:
+                has_block = any(a.name == "block_size" and a.i > 0 for a in node.attribute)
+                if not has_block:
+                    problems.append(f"{node.name}: TensorRT INT4 weights must be block-wise (block_size)")
+    return problems

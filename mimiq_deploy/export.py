@@ -1,0 +1,238 @@
+"""`mimiq-deploy export`: the student's learned scales folded into ONNX QDQ graphs.
+
+Three small steps, each testable on its own:
+1. torch -> ONNX (TorchScript exporter, opset 21, dynamic batch): every quantizer leaves a
+   `mimiq::FakeQuant` placeholder holding its scale, bits and axis;
+2. `lower_fake_quant`: a placeholder on a weight becomes integer codes (INT8, or packed INT4)
+   feeding DequantizeLinear; one on an activation becomes QuantizeLinear -> DequantizeLinear;
+3. the TensorRT variant goes to FP16 with onnxconverter-common (LayerNorm / softmax kept in FP32).
+Each graph passes `check` (check.py) before it is written.
+"""
+import dataclasses
+import io
+import json
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import dataclass_from, read_toml
+from .errors import MimiqError
+from .quant.convert import set_quant_enabled
+from .quant.quantizer import qrange
+
+EXPORT_DIR = "export"
+QDQ_ONNX = "model_qdq.onnx"           # FP32 QDQ graph for ONNX Runtime
+FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantization)
+TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
+TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
+TEMPLATES = Path(__file__).resolve().parent.parent / "export" / "templates"
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    opset: int = 21
+    int4_block_size: int = 32      # TensorRT INT4 weights: block size along the input dimension
+    min_batch: int = 1             # dynamic batch range (TensorRT optimization profile)
+    opt_batch: int = 32
+    max_batch: int = 64
+    fp16_io: bool = True           # TensorRT graph takes and returns FP16
+    workspace_mib: int = 2048
+    min_agreement: float = 99.5    # verify: top-1 agreement with the fake-quant student, percent
+    min_cosine: float = 0.999      # verify: mean logit cosine similarity
+    batch_sizes: list = dataclasses.field(default_factory=lambda: [1, 32])  # bench
+
+
+def load_export_config(path: str | Path | None) -> ExportConfig:
+    return dataclass_from(ExportConfig, read_toml(path), str(path)) if path else ExportConfig()
+
+
+def torch_to_onnx(model: torch.nn.Module, input_size, opset: int) -> onnx.ModelProto:
+    """The model as ONNX with `mimiq::FakeQuant` placeholders; batch axis dynamic."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, *input_size),), buffer, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], do_constant_folding=True,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _int_tensor(name: str, codes: np.ndarray, bits: int) -> TensorProto:
+    if bits == 8:
+        return numpy_helper.from_array(codes.astype(np.int8), name)
+    return helper.make_tensor(name, TensorProto.INT4, codes.shape, codes.astype(np.int8).flatten().tolist())
+
+
+def _zero_point(name: str, bits: int, shape=()) -> TensorProto:
+    return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits)
+
+
+def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_size: int = 32,
+                     weight_only: bool = False) -> onnx.ModelProto:
+    """Replace every `mimiq::FakeQuant` placeholder by integer weights + DQ or activation Q -> DQ.
+
+    target "tensorrt": INT4 MatMul/Gemm weights block-wise along the input dimension, INT4 conv
+    weights in an INT8 container (same values); weight_only drops activation quantization
+    (TensorRT's INT4 path: INT4 weights, float activations).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    dropped, nodes, new_inits, rename = set(), [], [], {}
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        if node.domain != "mimiq":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bits, narrow, axis = attrs["bits"], bool(attrs["narrow"]), attrs["axis"]
+        if bits not in (4, 8):
+            raise MimiqError(f"{bits}-bit tensors have no ONNX integer type: export supports INT8 and INT4 "
+                             "(w4a4, w4a8, w8a4, w8a8)")
+        x, s = node.input
+        if s not in inits:
+            raise MimiqError(f"scale of {node.name} is not a constant")
+        scale = numpy_helper.to_array(inits[s]).astype(np.float32)
+        out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
+        qmin, qmax = qrange(bits, narrow)
+        if x in inits:  # a weight: store its integer codes
+            w = numpy_helper.to_array(inits[x]).astype(np.float32)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            codes = np.clip(np.rint(w / scale.reshape(shape)), qmin, qmax)  # float32 division, as torch
+            full_scale = np.broadcast_to(scale.reshape(shape), w.shape)
+            follow = consumers[out]
+            if (w.ndim == 2 and len(follow) == 1 and follow[0].op_type == "Transpose"
+                    and list(helper.get_attribute_value(follow[0].attribute[0])) == [1, 0]):
+                codes, full_scale, axis = codes.T, full_scale.T, 1 - axis  # MatMul layout (in, out)
+                dropped.add(id(follow[0]))
+                out = follow[0].output[0]
+            dq_attrs, store_bits, scale_arr = {"axis": axis}, bits, scale
+            if bits == 4 and target == "tensorrt":
+                if w.ndim == 2:
+                    in_axis = 1 - axis
+                    block = block_size if codes.shape[in_axis] % block_size == 0 else codes.shape[in_axis]
+                    scale_arr = np.ascontiguousarray(np.take(full_scale, np.arange(0, codes.shape[in_axis], block),
+                                                             axis=in_axis))
+                    dq_attrs = {"axis": in_axis, "block_size": block}
+                else:
+                    store_bits = 8  # INT4 codes in an INT8 container: same values, convs have no INT4 path
+            new_inits += [_int_tensor(f"{tag}_codes", codes, store_bits),
+                          numpy_helper.from_array(scale_arr.astype(np.float32), f"{tag}_scale"),
+                          _zero_point(f"{tag}_zp", store_bits, scale_arr.shape)]
+            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_codes", f"{tag}_scale", f"{tag}_zp"], [out],
+                                          name=f"{tag}_DequantizeLinear", **dq_attrs))
+        elif weight_only:
+            rename[out] = x
+        else:  # an activation: per-tensor Q -> DQ
+            new_inits += [numpy_helper.from_array(scale.reshape(()).astype(np.float32), f"{tag}_scale"),
+                          _zero_point(f"{tag}_zp", bits)]
+            nodes.append(helper.make_node("QuantizeLinear", [x, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
+                                          name=f"{tag}_QuantizeLinear"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [out],
+                                          name=f"{tag}_DequantizeLinear"))
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(model)
+    keep = [o for o in model.opset_import if o.domain != "mimiq"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, 21)
+    return model
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
+    """FP16 compute for TensorRT's strongly typed networks; LayerNorm and softmax stay FP32."""
+    from onnxconverter_common import float16
+
+    block = list(float16.DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization", "Softmax"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float16.convert_float_to_float16(model, keep_io_types=not fp16_io, op_block_list=block,
+                                                disable_shape_infer=False)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Validate, then write atomically."""
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) -> dict:
+    """Write the ORT and TensorRT graphs (and their float twins) of `student` to run_dir/export."""
+    from .check import check_graph
+
+    qc = student.quant_config
+    if qc.weight_bits not in (4, 8) or qc.act_bits not in (4, 8):
+        raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "
+                         "(w4a4, w4a8, w8a4, w8a8); fake-quant eval works for any wXaY")
+    input_size = tuple(student.pretrained_cfg["input_size"])
+    out_dir = Path(run_dir) / EXPORT_DIR
+    raw = torch_to_onnx(student, input_size, cfg.opset)
+    set_quant_enabled(student, False)
+    try:
+        float_model = torch_to_onnx(student, input_size, cfg.opset)
+    finally:
+        set_quant_enabled(student, True)
+    graphs = {QDQ_ONNX: ("onnxruntime", lower_fake_quant(_copy(raw), "onnxruntime")), FLOAT_ONNX: (None, float_model)}
+    notes = {}
+    if qc.act_bits == 4:
+        notes["tensorrt"] = (f"{qc.name} not built for TensorRT: it has no INT4 activation kernels; "
+                             "deployable there are w4a8 (INT4 weight-only) and w8a8")
+    else:
+        weight_only = qc.weight_bits == 4
+        trt = lower_fake_quant(_copy(raw), "tensorrt", cfg.int4_block_size, weight_only=weight_only)
+        graphs[TRT_ONNX] = ("tensorrt", to_fp16(trt, cfg.fp16_io))
+        graphs[TRT_FLOAT_ONNX] = (None, to_fp16(_copy(float_model), cfg.fp16_io))
+        if weight_only:
+            notes["tensorrt"] = f"{qc.name} runs in TensorRT as INT4 weight-only (w4a16): activations in FP16"
+    for name, (target, graph) in graphs.items():
+        if target:
+            violations = check_graph(graph, target)
+            if violations:
+                raise MimiqError(f"{name} fails the {target} check ({len(violations)} violations), first: {violations[0]}")
+        save_onnx(graph, out_dir / name)
+        progress(f"wrote {out_dir / name}")
+    manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
+                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None)}
+    (out_dir / "export.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _jsonable(cfg: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()
+            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}

@@ -1,0 +1,83 @@
+"""`mimiq-deploy verify`: does each deployed artifact compute what the fake-quant student computed?
+
+The same inputs go to the PyTorch student and to every artifact of build.json; reported:
+top-1 agreement with the student, mean logit cosine similarity, max abs logit error, and
+top-1 accuracy on the labelled eval set.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .backends import BACKENDS
+from .build import read_build, read_export_manifest
+from .export import load_export_config
+
+VERIFY_FILE = "verify.json"
+
+
+def _student_path(run_dir: Path) -> Path:
+    from .errors import MimiqError
+    path = Path(run_dir) / "student.pt"
+    if not path.exists():
+        raise MimiqError(f"no student.pt in {run_dir}: run `mimiq-deploy finetune` first")
+    return path
+
+
+@torch.no_grad()
+def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = None, limit: int | None = None,
+           batch_size: int = 250, progress: bool = True) -> dict:
+    from .evaluate import eval_dataset
+    from .finetune import load_student
+
+    run_dir = Path(run_dir)
+    built = read_build(run_dir)
+    cfg = load_export_config(None)
+    cfg.__dict__.update(read_export_manifest(run_dir)["config"])
+    student = load_student(_student_path(run_dir))
+    dataset, dataset_name = eval_dataset(student, val_dir, data_dir)
+    if limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    runners = {name: BACKENDS[a["backend"]].load(Path(a["path"]), provider=a.get("provider"))
+               for name, a in built["artifacts"].items()}
+    stats = {name: {"agree": 0, "correct": 0, "cos": 0.0, "max_err": 0.0} for name in runners}
+    student_correct = n = 0
+    for x, y in tqdm(DataLoader(dataset, batch_size), desc="verify", unit="batch", disable=not progress):
+        ref = student(x).numpy()
+        student_correct += int((ref.argmax(1) == y.numpy()).sum())
+        n += len(y)
+        for name, run in runners.items():
+            out = run(x.numpy())
+            s = stats[name]
+            s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
+            s["correct"] += int((out.argmax(1) == y.numpy()).sum())
+            cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+            s["cos"] += float(cos.sum())
+            s["max_err"] = max(s["max_err"], float(np.abs(out - ref).max()))
+    report = {"dataset": dataset_name, "n": n, "student_top1": 100.0 * student_correct / n, "artifacts": {},
+              "thresholds": {"min_agreement": cfg.min_agreement, "min_cosine": cfg.min_cosine}, "failed": []}
+    for name, s in stats.items():
+        art = built["artifacts"][name]
+        row = {"precision": art["precision"], "agreement": 100.0 * s["agree"] / n, "cosine": s["cos"] / n,
+               "max_abs_error": s["max_err"], "top1": 100.0 * s["correct"] / n}
+        # Thresholds bind artifacts that implement the student's arithmetic (integer QDQ graphs);
+        # float twins and weight-only engines compute something else on purpose.
+        row["checked"] = bool(art.get("quantized")) and not art.get("weight_only")
+        if row["checked"] and (row["agreement"] < cfg.min_agreement or row["cosine"] < cfg.min_cosine):
+            report["failed"].append(name)
+        report["artifacts"][name] = row
+    (run_dir / VERIFY_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_verify(report: dict) -> str:
+    lines = [f"verify on {report['dataset']} ({report['n']} images); fake-quant student top-1 {report['student_top1']:.2f}%",
+             f"{'artifact':<22} {'precision':<28} {'agree %':>8} {'cosine':>8} {'max err':>9} {'top-1 %':>8}  check"]
+    for name, r in report["artifacts"].items():
+        verdict = ("FAIL" if name in report["failed"] else "ok") if r["checked"] else "-"
+        lines.append(f"{name:<22} {r['precision'][:28]:<28} {r['agreement']:8.2f} {r['cosine']:8.5f} "
+                     f"{r['max_abs_error']:9.4f} {r['top1']:8.2f}  {verdict}")
+    return "\n".join(lines)

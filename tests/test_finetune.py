@@ -1,0 +1,115 @@
+"""Head-distilled QAT: losses, the student checkpoint, resume, torchrun ranks, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mimiq_deploy.finetune as ft
+from mimiq_deploy.finetune import FinetuneRecipe, finetune, had_loss, load_student
+from mimiq_deploy.models import load_model
+from mimiq_deploy.quant import parse_bits, quant_modules
+from mimiq_deploy.synthesize import SynthesisRecipe, synthesize
+
+TINY_FT = dict(epochs=2, batch_size=8, calib_images=16, milestones=[1])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model("fmnist-vit")
+
+
+@pytest.fixture(scope="module")
+def synth_dir(teacher, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    synthesize(teacher, "fmnist-vit", run_dir, SynthesisRecipe(num_images=16, batch_size=8, steps=2, jitter=2),
+               progress=False)
+    return run_dir
+
+
+def _fresh_run(synth_dir, tmp_path, name):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "synth").symlink_to(synth_dir / "synth", target_is_directory=True)
+    return run
+
+
+def test_had_loss_is_zero_for_identical_heads_and_positive_otherwise():
+    heads = [torch.randn(2, 3, 50, 16) for _ in range(2)]
+    assert had_loss(heads, heads, prefix=1).abs() < 1e-6
+    assert had_loss(heads, [h + torch.randn_like(h) for h in heads], prefix=1) > 0.1
+
+
+def test_finetune_writes_a_loadable_student(teacher, synth_dir, tmp_path, cli):
+    run = _fresh_run(synth_dir, tmp_path, "w4a8")
+    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a8"), FinetuneRecipe(**TINY_FT), progress=False)
+    assert len(meta["history"]) == 2 and meta["history"][0]["had"] > 0
+    student = load_student(run / "student.pt")
+    quantizers = quant_modules(student)
+    assert {q.bits for q in quantizers.values() if q.axis == 0} == {4}
+    assert {q.bits for q in quantizers.values() if q.axis is None} == {8}
+    # both operands of both attention matmuls are quantized
+    assert any(n.endswith("attn.qk.a_quant") for n in quantizers) and any(n.endswith("attn.av.b_quant") for n in quantizers)
+    result = cli("eval", "--model", run / "student.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["n"] == 10000
+
+
+def test_ptq_is_calibration_only(teacher, synth_dir, tmp_path):
+    run = _fresh_run(synth_dir, tmp_path, "ptq")
+    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w8a8"), FinetuneRecipe(**{**TINY_FT, "epochs": 0}),
+                    progress=False)
+    assert meta["history"] == []
+    student = load_student(run / "student.pt")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():  # W8A8 PTQ stays close to the teacher
+        assert torch.nn.functional.cosine_similarity(student(x), teacher(x)).min() > 0.95
+
+
+def test_resume_gives_the_same_student(teacher, synth_dir, tmp_path, monkeypatch):
+    recipe = FinetuneRecipe(**TINY_FT)
+    straight = _fresh_run(synth_dir, tmp_path, "straight")
+    finetune(teacher, "fmnist-vit", None, straight, parse_bits("w4a4"), recipe, progress=False)
+
+    resumed = _fresh_run(synth_dir, tmp_path, "resumed")
+    calls = []
+    def killed_after_first_epoch():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ft, "barrier", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(teacher, "fmnist-vit", None, resumed, parse_bits("w4a4"), recipe, progress=False)
+    assert not (resumed / "student.pt").exists()
+    monkeypatch.setattr(ft, "barrier", lambda: None)
+    finetune(teacher, "fmnist-vit", None, resumed, parse_bits("w4a4"), recipe, progress=False)
+    a = torch.load(straight / "student.pt", weights_only=False)["state_dict"]
+    b = torch.load(resumed / "student.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_ranks(synth_dir, tmp_path):
+    run = _fresh_run(synth_dir, tmp_path, "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "mimiq_deploy", "finetune", "--data", str(run), "--bits", "w4a8", "--epochs", "1",
+           "--batch-size", "4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads((run / "finetune.json").read_text())["history"]) == 1
+    load_student(run / "student.pt")
+
+
+def test_bad_input(cli, synth_dir, tmp_path):
+    r = cli("finetune", "--data", synth_dir, "--bits", "w9a9")
+    assert r.returncode == 1 and "unsupported bit setting 'w9a9'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("finetune", "--data", tmp_path / "empty", "--bits", "w4a8")
+    assert r.returncode == 1 and "no synthetic data" in r.stderr
+    r = cli("finetune", "--model", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "missing.pth", "--data", synth_dir)
+    assert r.returncode == 1 and "checkpoint not found" in r.stderr
+    other = tmp_path / "other.pth"
+    import timm
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), other)
+    r = cli("finetune", "--model", "deit_tiny_patch16_224", "--checkpoint", other, "--data", synth_dir)
+    assert r.returncode == 1 and "holds images of 'fmnist-vit'" in r.stderr
