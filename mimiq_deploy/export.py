@@ -60,7 +60,25 @@ def torch_to_onnx(model: torch.nn.Module, input_size, opset: int) -> onnx.ModelP
         torch.onnx.export(model.eval(), (torch.zeros(1, *input_size),), buffer, dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["logits"], do_constant_folding=True,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return onnx.load_from_string(buffer.getvalue())
+    return inline_shared_initializers(onnx.load_from_string(buffer.getvalue()))
+
+
+def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter shares equal initializers through Identity nodes; give each its own copy,
+    so later passes (FP16 conversion, weight lowering) see plain constants."""
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
 
 
 def _int_tensor(name: str, codes: np.ndarray, bits: int) -> TensorProto:
@@ -171,6 +189,7 @@ def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
     from onnxconverter_common import float16
 
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization", "Softmax"]
+    del model.graph.value_info[:]  # stale FP32 types; the converter infers them afresh
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float16.convert_float_to_float16(model, keep_io_types=not fp16_io, op_block_list=block,

@@ -1,0 +1,133 @@
+"""QDQ export: graph structure, conformance checks, ORT agreement, build / verify / bench plumbing."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from onnx import TensorProto, numpy_helper
+
+from mimiq_deploy.attention import capture_attention
+from mimiq_deploy.check import check_graph
+from mimiq_deploy.export import QDQ_ONNX, TRT_ONNX, ExportConfig, export_student
+from mimiq_deploy.finetune import build_student
+from mimiq_deploy.models import load_model
+from mimiq_deploy.quant import calibrate, parse_bits
+
+
+def _student(teacher, bits, images):
+    student = build_student(teacher, parse_bits(bits))
+    calibrate(student, images)
+    return student
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model("fmnist-vit")
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
+def test_ort_graph_matches_fake_quant(teacher, bits, tmp_path):
+    torch.manual_seed(0)
+    student = _student(teacher, bits, torch.randn(32, 1, 28, 28))
+    manifest = export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    model = onnx.load(str(tmp_path / "export" / QDQ_ONNX))
+    assert check_graph(model, "onnxruntime") == []
+    weight_types = {t.data_type for t in model.graph.initializer if t.name.endswith("_codes")}
+    assert weight_types == ({TensorProto.INT8} if bits == "w8a8" else {TensorProto.INT4})
+    x = torch.randn(64, 1, 28, 28)
+    sess = ort.InferenceSession(str(tmp_path / "export" / QDQ_ONNX), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = student(x).numpy()
+    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    if bits == "w4a4":
+        assert "tensorrt" in manifest["notes"] and "w4a8" in manifest["notes"]["tensorrt"]
+        assert not (tmp_path / "export" / TRT_ONNX).exists()
+    else:
+        assert check_graph(onnx.load(str(tmp_path / "export" / TRT_ONNX)), "tensorrt") == []
+
+
+def test_weight_codes_are_the_students_integers(teacher, tmp_path):
+    student = _student(teacher, "w4a8", torch.randn(16, 1, 28, 28))
+    export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    model = onnx.load(str(tmp_path / "export" / QDQ_ONNX))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    fc1 = student.blocks[0].mlp.fc1
+    ours = torch.clamp(torch.round(fc1.weight / fc1.weight_quant.scale.view(-1, 1)), -7, 7).detach().numpy()
+    stored = [v for k, v in inits.items() if k.endswith("_codes") and v.shape == ours.T.shape and "blocks.0" in k
+              and "fc1" in k]
+    assert len(stored) == 1 and np.array_equal(stored[0].astype(np.float32), ours.T)
+
+
+def test_deit_tiny_graph_passes_tensorrt_check(tmp_path):
+    torch.manual_seed(0)
+    teacher = capture_attention(timm.create_model("deit_tiny_patch16_224", pretrained=False)).eval()
+    for bits in ("w8a8", "w4a8"):
+        student = _student(teacher, bits, torch.randn(2, 3, 224, 224))
+        export_student(student, tmp_path / bits, ExportConfig(), progress=lambda m: None)
+        assert check_graph(onnx.load(str(tmp_path / bits / "export" / TRT_ONNX)), "tensorrt") == []
+
+
+def test_check_reports_violations(teacher, tmp_path, cli):
+    student = _student(teacher, "w8a8", torch.randn(8, 1, 28, 28))
+    export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    model = onnx.load(str(tmp_path / "export" / QDQ_ONNX))
+    zp = next(t for t in model.graph.initializer if t.name.endswith("_zp") and not t.dims)
+    zp.CopyFrom(numpy_helper.from_array(np.array(3, dtype=np.int8), zp.name))
+    ln = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_q"))
+    ln.input[0] = dq.output[0]  # a DQ feeding LayerNorm
+    problems = check_graph(model, "tensorrt")
+    assert any("zero point is not zero" in p for p in problems)
+    assert any("LayerNormalization" in p and "float" in p for p in problems)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    r = cli("check", bad, "--target", "tensorrt")
+    assert r.returncode == 1 and "zero point is not zero" in r.stdout and "violation" in r.stderr
+
+
+def test_unexportable_bits_are_refused(teacher, tmp_path):
+    from mimiq_deploy.errors import MimiqError
+    student = _student(teacher, "w6a6", torch.randn(4, 1, 28, 28))
+    with pytest.raises(MimiqError, match="INT8 and INT4"):
+        export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    assert not (tmp_path / "export").exists()
+
+
+def test_build_verify_bench_on_a_tiny_run(teacher, tmp_path, cli):
+    from mimiq_deploy.build import build
+    from mimiq_deploy.bench import bench
+    from mimiq_deploy.finetune import FinetuneRecipe, finetune
+    from mimiq_deploy.synthesize import SynthesisRecipe, synthesize
+    from mimiq_deploy.verify import verify
+
+    synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(num_images=16, batch_size=8, steps=2, jitter=2),
+               progress=False)
+    finetune(teacher, "fmnist-vit", None, tmp_path, parse_bits("w8a8"), FinetuneRecipe(epochs=0, calib_images=16),
+             progress=False)
+    r = cli("export", tmp_path)
+    assert r.returncode == 0, r.stderr
+    built = build(tmp_path, progress=lambda m: None)
+    assert built["artifacts"]["ort-cpu-w8a8"]["integer_kernels"]  # real integer MatMul kernels
+    assert "tensorrt" in built["skipped"] or "trt-w8a8" in built["artifacts"]
+    repo = tmp_path / "model_repository"
+    assert (repo / "fmnist_vit_w8a8_onnx" / "1" / "model.onnx").exists()
+    assert 'backend: "onnxruntime"' in (repo / "fmnist_vit_w8a8_onnx" / "config.pbtxt").read_text()
+    report = verify(tmp_path, limit=200, progress=False)
+    row = report["artifacts"]["ort-cpu-w8a8"]
+    assert row["checked"] and 0 <= row["agreement"] <= 100 and report["n"] == 200
+    assert json.loads((tmp_path / "verify.json").read_text())["n"] == 200
+    result = bench(tmp_path, [1, 4], warmup=1, iters=3, min_seconds=0, progress=lambda m: None)
+    assert {(r["artifact"], r["batch"]) for r in result["rows"]} >= {("ort-cpu-w8a8", 1), ("ort-cpu-fp32", 4)}
+    assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in result["rows"])
+
+
+def test_missing_stages_give_one_line_errors(cli, tmp_path):
+    for verb in ("export", "build", "verify", "bench"):
+        r = cli(verb, tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:"), (verb, r.stderr)
