@@ -12,6 +12,10 @@ model_option = click.option("--model", "model_name", default="fmnist-vit", show_
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                                  help="Weights for a timm model: a state dict or a checkpoint with a 'model' key.")
 
+recipe_option = click.option("--recipe", type=click.Path(path_type=Path), default=None,
+                             help="Calibration recipe TOML (default: calib/<model>.toml when present, "
+                                  "else built-in values).")
+
 
 class Cli(click.Group):
     """Turns MimiqError into one line on stderr and exit status 1, never a traceback."""
@@ -28,6 +32,34 @@ class Cli(click.Group):
 @click.version_option(package_name="mimiq-deploy")
 def main():
     """Data-free quantization of Vision Transformers (MimiQ), deployed to ONNX Runtime and TensorRT."""
+
+
+@main.command()
+@model_option
+@checkpoint_option
+@click.option("--bits", default="w4a8", show_default=True, help="wXaY: X-bit weights, Y-bit activations.")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@recipe_option
+@click.option("--preset", type=click.Choice(["fast"]), default=None,
+              help="fast: a CPU-sized run of the embedded default (minutes, not hours).")
+@click.option("--export-config", type=click.Path(path_type=Path), default=None, help="Deployment config TOML.")
+@click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder for verify.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
+def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_config, val_dir, data_dir):
+    """Everything: synthesize, finetune, export, build, verify, bench, report (resumable)."""
+    from .quant import parse_bits
+    from .quantize import preset_recipe, quantize as run
+    from .report import format_summary
+
+    parse_bits(bits)  # refuse a bad setting before any work
+    report = run(model_name, checkpoint, bits, run_dir, preset_recipe(preset, model_name, recipe), export_config,
+                 val_dir, data_dir, echo=click.echo)
+    click.echo("")
+    click.echo(format_summary(report))
+    click.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
+    failed = (report.get("verify") or {}).get("failed")
+    if failed:
+        raise MimiqError(f"below the verify thresholds: {', '.join(failed)}")
 
 
 @main.command("eval")
@@ -50,10 +82,6 @@ def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
     else:
         click.echo(f"{model_name} on {dataset_name}: top-1 {result['top1']:.2f}% over {result['n']} images")
 
-
-recipe_option = click.option("--recipe", type=click.Path(path_type=Path), default=None,
-                             help="Calibration recipe TOML (default: calib/<model>.toml when present, "
-                                  "else built-in values).")
 
 
 @main.command()
@@ -276,14 +304,4 @@ def teacher_train(recipe, out, data_dir, epochs, train_subset):
                f"test top-1 {m['test_top1']:.2f}%, {m['train_minutes']:.1f} min -> {out}")
 
 
-def _not_yet(verb: str):
-    @main.command(verb, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def cmd():
-        click.echo(f"mimiq-deploy {verb}: not yet available in this version", err=True)
-        sys.exit(2)
-    cmd.help = f"({verb}: not yet available)"
-    return cmd
 
-
-for _verb in ("quantize",):
-    _not_yet(_verb)

@@ -1,0 +1,81 @@
+"""`mimiq-deploy quantize`: synthesize -> finetune -> export -> build -> verify -> bench -> report.
+
+Each stage is skipped when its outputs in the run directory are complete, so an interrupted
+run picks up where it stopped (synthesis and fine-tuning also resume inside the stage).
+"""
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .errors import MimiqError
+from .recipes import CALIB_DIR, resolve_recipe_path
+
+PRESETS = {"fast": "fmnist-vit-fast.toml"}
+
+
+def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> Path | None:
+    if preset is None:
+        return resolve_recipe_path(recipe, model_name)
+    if recipe is not None:
+        raise MimiqError("--preset and --recipe exclude each other: a preset is a recipe")
+    if preset not in PRESETS:
+        raise MimiqError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    if model_name != "fmnist-vit":
+        raise MimiqError(f"--preset {preset} is sized for the embedded fmnist-vit; pass --recipe for {model_name}")
+    return CALIB_DIR / PRESETS[preset]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path, recipe_path: Path | None,
+             export_config: Path | None, val_dir: Path | None = None, data_dir: Path | None = None,
+             echo=print) -> dict:
+    """Run (or resume) every stage; returns the report (also written as report.json / report.md)."""
+    from .bench import bench
+    from .build import build
+    from .export import export_student, load_export_config
+    from .finetune import finetune, load_finetune_recipe, load_student
+    from .models import load_model
+    from .quant import parse_bits
+    from .report import write_report
+    from .synthesize import is_complete, load_synthesis_recipe, synthesize
+    from .verify import verify
+
+    cfg = parse_bits(bits)
+    run_dir = Path(run_dir)
+    synth_recipe = load_synthesis_recipe(recipe_path, {})
+    ft_recipe = load_finetune_recipe(recipe_path, {})
+    export_cfg = load_export_config(export_config)
+    teacher = load_model(model_name, checkpoint)
+    timings = _json(run_dir / "timings.json") or {}
+
+    def stage(name, done, fn):
+        if done:
+            echo(f"[{name}] complete, skipped")
+            return
+        echo(f"[{name}]")
+        t0 = time.time()
+        fn()
+        timings[name] = time.time() - t0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+
+    stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
+    ft = _json(run_dir / "finetune.json")
+    ft_done = (run_dir / "student.pt").exists() and ft is not None and ft.get("bits") == cfg.name \
+        and ft.get("recipe") == dataclasses.asdict(ft_recipe)
+    stage("finetune", ft_done, lambda: finetune(teacher, model_name, checkpoint, run_dir, cfg, ft_recipe))
+    exp = _json(run_dir / "export" / "export.json")
+    stage("export", exp is not None and exp.get("bits") == cfg.name and exp.get("config") == dataclasses.asdict(export_cfg),
+          lambda: export_student(load_student(run_dir / "student.pt"), run_dir, export_cfg, progress=echo))
+    for later in ("build.json", "verify.json", "bench.json"):  # a new export invalidates what follows
+        if "export" in timings and (run_dir / later).exists() and \
+                (run_dir / later).stat().st_mtime < (run_dir / "export" / "export.json").stat().st_mtime:
+            (run_dir / later).unlink()
+    stage("build", (run_dir / "build.json").exists(), lambda: build(run_dir, progress=echo))
+    stage("verify", (run_dir / "verify.json").exists(), lambda: verify(run_dir, val_dir, data_dir))
+    stage("bench", (run_dir / "bench.json").exists(), lambda: bench(run_dir, export_cfg.batch_sizes, progress=echo))
+    return write_report(run_dir, teacher, model_name, recipe_path, timings, val_dir, data_dir)
