@@ -45,7 +45,8 @@ def main():
 @click.option("--export-config", type=click.Path(path_type=Path), default=None, help="Deployment config TOML.")
 @click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder for verify.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
-def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_config, val_dir, data_dir):
+@click.option("--verify-limit", type=int, default=None, help="Verify on the first N eval images only.")
+def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_config, val_dir, data_dir, verify_limit):
     """Everything: synthesize, finetune, export, build, verify, bench, report (resumable)."""
     from .quant import parse_bits
     from .quantize import preset_recipe, quantize as run
@@ -53,7 +54,7 @@ def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_confi
 
     parse_bits(bits)  # refuse a bad setting before any work
     report = run(model_name, checkpoint, bits, run_dir, preset_recipe(preset, model_name, recipe), export_config,
-                 val_dir, data_dir, echo=click.echo)
+                 val_dir, data_dir, verify_limit, echo=click.echo)
     click.echo("")
     click.echo(format_summary(report))
     click.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
@@ -235,7 +236,8 @@ def bench_cmd(run_dir, batch, as_json):
         sizes = [int(b) for b in batch.split(",")] if batch else read_export_manifest(run_dir)["config"]["batch_sizes"]
     except ValueError:
         raise MimiqError(f"--batch takes comma-separated integers, got {batch!r}") from None
-    report = bench(run_dir, sizes, progress=(lambda m: None) if as_json else click.echo)
+    seconds = read_export_manifest(run_dir)["config"].get("bench_seconds", 2.0)
+    report = bench(run_dir, sizes, min_seconds=seconds, progress=(lambda m: None) if as_json else click.echo)
     click.echo(json.dumps(report) if as_json else format_bench(report))
 
 

@@ -46,6 +46,7 @@ class ExportConfig:
     min_agreement: float = 99.5    # verify: top-1 agreement with the fake-quant student, percent
     min_cosine: float = 0.999      # verify: mean logit cosine similarity
     batch_sizes: list = dataclasses.field(default_factory=lambda: [1, 32])  # bench
+    bench_seconds: float = 2.0     # bench: least measured time per artifact and batch
 
 
 def load_export_config(path: str | Path | None) -> ExportConfig:

@@ -32,7 +32,7 @@ def _json(path: Path) -> dict | None:
 
 def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path, recipe_path: Path | None,
              export_config: Path | None, val_dir: Path | None = None, data_dir: Path | None = None,
-             echo=print) -> dict:
+             verify_limit: int | None = None, echo=print) -> dict:
     """Run (or resume) every stage; returns the report (also written as report.json / report.md)."""
     from .bench import bench
     from .build import build
@@ -76,6 +76,7 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
                 (run_dir / later).stat().st_mtime < (run_dir / "export" / "export.json").stat().st_mtime:
             (run_dir / later).unlink()
     stage("build", (run_dir / "build.json").exists(), lambda: build(run_dir, progress=echo))
-    stage("verify", (run_dir / "verify.json").exists(), lambda: verify(run_dir, val_dir, data_dir))
-    stage("bench", (run_dir / "bench.json").exists(), lambda: bench(run_dir, export_cfg.batch_sizes, progress=echo))
+    stage("verify", (run_dir / "verify.json").exists(), lambda: verify(run_dir, val_dir, data_dir, verify_limit))
+    stage("bench", (run_dir / "bench.json").exists(), lambda: bench(run_dir, export_cfg.batch_sizes,
+                                                                        min_seconds=export_cfg.bench_seconds, progress=echo))
     return write_report(run_dir, teacher, model_name, recipe_path, timings, val_dir, data_dir)

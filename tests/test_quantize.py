@@ -1,0 +1,48 @@
+"""`quantize` end to end on a tiny recipe: every stage, the report, and a rerun that skips them all."""
+import json
+
+TINY = """
+[synthesize]
+num_images = 32
+batch_size = 16
+steps = 3
+jitter = 2
+[finetune]
+epochs = 1
+batch_size = 16
+milestones = [1]
+calib_images = 32
+"""
+
+
+def test_quantize_end_to_end_and_rerun(cli, tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    export_cfg = tmp_path / "export.toml"
+    export_cfg.write_text("batch_sizes = [1, 8]\nbench_seconds = 0.2\nmin_agreement = 0.0\nmin_cosine = 0.0\n")
+    run = tmp_path / "run"
+    args = ("quantize", "--bits", "w8a8", "--out", run, "--recipe", recipe, "--export-config", export_cfg,
+            "--verify-limit", 500)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "ort-cpu-w8a8" in first.stdout and "teacher (PyTorch fp32)" in first.stdout
+    report = json.loads((run / "report.json").read_text())
+    for key in ("teacher", "synthesize", "finetune", "export", "build", "verify", "bench", "versions", "device",
+                "inter_head_similarity", "stage_seconds", "pretrained_cfg"):
+        assert report.get(key) is not None, key
+    assert report["verify"]["n"] == 500 and report["teacher"]["top1"] >= 89.0
+    assert {r["batch"] for r in report["bench"]["rows"]} == {1, 8}
+    md = (run / "report.md").read_text()
+    assert "| ort-cpu-w8a8 |" in md and "accuracy.png" in md and (run / "latency.png").exists()
+
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("synthesize", "finetune", "export", "build", "verify", "bench"):
+        assert f"[{stage}] complete, skipped" in second.stdout
+
+
+def test_quantize_refuses_bad_input_before_work(cli, tmp_path):
+    r = cli("quantize", "--bits", "w12a8", "--out", tmp_path / "x")
+    assert r.returncode == 1 and "unsupported bit setting" in r.stderr and not (tmp_path / "x").exists()
+    r = cli("quantize", "--model", "deit_tiny_patch16_224", "--preset", "fast", "--out", tmp_path / "y")
+    assert r.returncode == 1 and "sized for the embedded fmnist-vit" in r.stderr
