@@ -26,6 +26,9 @@ class Cli(click.Group):
         except MimiqError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to resume where it stopped", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -283,3 +283,19 @@ def mean_inter_head_similarity(model, images: torch.Tensor, batch_size: int = 64
     finally:
         recorder.remove()
     return total / max(1, count)
+
+
+def save_image_set(run_dir: Path, model_name: str, images: torch.Tensor, labels: torch.Tensor, kind: str,
+                   data_cfg: dict, shard_size: int = 256) -> dict:
+    """Store an image set made elsewhere (e.g. real images for a reference run) in the shard format."""
+    recipe = dataclasses.asdict(SynthesisRecipe(num_images=len(images), batch_size=shard_size, steps=0))
+    header = {"model": model_name, "recipe": recipe, "num_shards": math.ceil(len(images) / shard_size),
+              "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]),
+              "std": list(data_cfg["std"]), "num_classes": data_cfg.get("num_classes", int(labels.max()) + 1),
+              "kind": kind}
+    _write_json(manifest_path(run_dir), header)
+    for s in range(header["num_shards"]):
+        part = slice(s * shard_size, (s + 1) * shard_size)
+        atomic_torch_save({"images": images[part].half(), "labels": labels[part], "losses": {}, "shard": s},
+                          shard_path(run_dir, s))
+    return finalize_manifest(run_dir, {})

@@ -1,0 +1,114 @@
+"""Reproduction benchmark on the embedded default (the MimiQ paper's Table 1 / Table 4 rows).
+
+Fashion-MNIST top-1 of the fake-quant student per bit setting, mean +- std over seeds:
+  1 full-precision teacher          2 PTQ: calibration on MimiQ images, no fine-tuning
+  3 Gaussian noise + KL             4 base synthesis (CE + TV) + KL
+  5 MimiQ synthesis + KL            6 MimiQ synthesis + KL + HAD (the full method)
+  7 real-data QAT: the fine-tuning of row 6 on as many real training images
+Rows 3-7 share the number of images, epochs and schedule (from --recipe).
+--split val scores on the 5,000-image validation split carved from the training set (for
+tuning the recipe); --split test is the reported number.
+
+    python benchmarks/accuracy.py --recipe calib/fmnist-vit-fast.toml --seeds 0,1 --split test
+"""
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mimiq_deploy.data import load_fmnist, normalize_uint8
+from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
+from mimiq_deploy.models import load_model
+from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.synthesize import load_synthesis_recipe, save_image_set, synthesize
+from mimiq_deploy.teacher import TeacherRecipe, accuracy
+
+ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base synthesis + KL",
+        "5 MimiQ + KL", "6 MimiQ + KL + HAD", "7 real data + KL + HAD"]
+
+
+def eval_split(split: str, cfg: dict):
+    """Normalized images and labels of the test split, or of the teacher recipe's validation split."""
+    if split == "test":
+        x, y = load_fmnist("test")
+    else:
+        x, y = load_fmnist("train")
+        r = TeacherRecipe()
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(r.seed))[:r.val_size]
+        x, y = x[idx], y[idx]
+    return normalize_uint8(x, cfg["mean"], cfg["std"]), y
+
+
+def real_images(n: int, seed: int, cfg: dict):
+    """n real training images from outside the validation split."""
+    x, y = load_fmnist("train")
+    r = TeacherRecipe()
+    pool = torch.randperm(len(x), generator=torch.Generator().manual_seed(r.seed))[r.val_size:]
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+    return normalize_uint8(x[pick], cfg["mean"], cfg["std"]), y[pick]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
+    ap.add_argument("--bits", default="w4a4,w4a8,w8a8")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument("--out", default="runs/benchmark")
+    args = ap.parse_args()
+    teacher = load_model("fmnist-vit")
+    cfg = teacher.pretrained_cfg
+    x_eval, y_eval = eval_split(args.split, cfg)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    bits_list = args.bits.split(",")
+    results = {(row, b): [] for row in ROWS for b in bits_list}
+    seconds = {row: 0.0 for row in ROWS}
+    teacher_top1 = accuracy(teacher, x_eval, y_eval)
+    out = Path(args.out)
+    for seed in seeds:
+        synth = {}
+        for kind, overrides in (("mimiq", {}), ("base", {"ihc": False}), ("noise", {"noise_only": True})):
+            recipe = load_synthesis_recipe(args.recipe, {"seed": seed, **overrides})
+            synth[kind] = out / f"{kind}-s{seed}"
+            t0 = time.time()
+            synthesize(teacher, "fmnist-vit", synth[kind], recipe)
+            synth[kind + "_seconds"] = time.time() - t0
+        n = load_synthesis_recipe(args.recipe, {}).num_images
+        synth["real"] = out / f"real-s{seed}"
+        save_image_set(synth["real"], "fmnist-vit", *real_images(n, seed, cfg), kind="real", data_cfg=cfg)
+        synth["real_seconds"] = 0.0
+        plan = [(ROWS[1], "mimiq", {"epochs": 0}), (ROWS[2], "noise", {"had": False}),
+                (ROWS[3], "base", {"had": False}), (ROWS[4], "mimiq", {"had": False}),
+                (ROWS[5], "mimiq", {}), (ROWS[6], "real", {})]
+        for bits in bits_list:
+            for row, kind, overrides in plan:
+                run = out / f"{kind}-s{seed}-{bits}-{row.split()[0]}"
+                run.mkdir(parents=True, exist_ok=True)
+                link = run / "synth"
+                if not link.exists():
+                    link.symlink_to((synth[kind] / "synth").resolve(), target_is_directory=True)
+                recipe = load_finetune_recipe(args.recipe, {"seed": seed, **overrides})
+                t0 = time.time()
+                finetune(teacher, "fmnist-vit", None, run, parse_bits(bits), recipe)
+                seconds[row] += time.time() - t0 + synth[kind + "_seconds"] / len(bits_list)
+                results[(row, bits)].append(accuracy(load_student(run / "student.pt"), x_eval, y_eval))
+                print(f"seed {seed} {bits} {row}: {results[(row, bits)][-1]:.2f}", flush=True)
+    runs = len(seeds) * len(bits_list)
+    lines = [f"Fashion-MNIST {args.split} top-1 (%), mean ± std over seeds {seeds}; recipe {args.recipe}", "",
+             "| row | " + " | ".join(b.upper() for b in bits_list) + " | wall s / run |",
+             "|---|" + "---|" * (len(bits_list) + 1)]
+    lines.append(f"| {ROWS[0]} | " + " | ".join(f"{teacher_top1:.2f}" for _ in bits_list) + " | - |")
+    for row in ROWS[1:]:
+        cells = []
+        for b in bits_list:
+            v = results[(row, b)]
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds[row] / runs:.0f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
