@@ -48,6 +48,8 @@ def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 
     built = read_build(run_dir)
     rows = []
     for name, art in built["artifacts"].items():
+        if art.get("reference"):  # a correctness reference, not a deployment candidate
+            continue
         backend = BACKENDS[art["backend"]]
         run = backend.load(Path(art["path"]), provider=art.get("provider"))
         timer = _time_trt if art["backend"] == "tensorrt" else _time_ort

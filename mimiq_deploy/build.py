@@ -40,6 +40,11 @@ def build(run_dir: Path, progress=print) -> dict:
             artifacts[name] = {"backend": "onnxruntime", "provider": provider, "path": str(exp / onnx_file),
                                "precision": precision, "quantized": precision != "fp32", **info}
             progress(f"built {name}: integer kernels {info['integer_kernels'] or 'none'}")
+        # The same QDQ graph with ORT's fusions off: plain QuantizeLinear/DequantizeLinear + float ops.
+        # It separates what the exporter wrote from what the integer kernels of this CPU compute.
+        artifacts[f"ort-{tag}-{bits}-unfused"] = {"backend": "onnxruntime", "provider": provider,
+                                                  "path": str(exp / QDQ_ONNX), "precision": f"{bits} QDQ unfused",
+                                                  "quantized": True, "optimization": "disabled", "reference": True}
     trt = BACKENDS["tensorrt"]
     ok, why = trt.available()
     if (exp / TRT_ONNX).exists():

@@ -41,7 +41,8 @@ def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = N
     dataset, dataset_name = eval_dataset(student, val_dir, data_dir)
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    runners = {name: BACKENDS[a["backend"]].load(Path(a["path"]), provider=a.get("provider"))
+    runners = {name: BACKENDS[a["backend"]].load(Path(a["path"]), provider=a.get("provider"),
+                                                 optimization=a.get("optimization", "all"))
                for name, a in built["artifacts"].items()}
     stats = {name: {"agree": 0, "correct": 0, "cos": 0.0, "max_err": 0.0} for name in runners}
     student_correct = n = 0

@@ -30,11 +30,12 @@ class OnnxRuntimeBackend:
         return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
                 ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
 
-    def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0):
+    def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0, optimization: str = "all"):
         import onnxruntime as ort
         provider = provider or "CPUExecutionProvider"
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimization == "disabled"
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if threads:
             so.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(onnx_path), so, providers=[provider])
