@@ -232,6 +232,10 @@ def load_student(path: Path):
         raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
     teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"])
     student = build_student(teacher, parse_bits(ckpt["bits"]))
-    student.load_state_dict(ckpt["state_dict"])
+    try:
+        student.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise MimiqError(f"{path} does not match the {ckpt['model_name']} teacher it names "
+                         "(was the teacher checkpoint replaced?)") from None
     student.model_name = ckpt["model_name"]
     return student.eval()

@@ -21,19 +21,22 @@ EMBEDDED = {DEFAULT_MODEL: WEIGHTS_DIR / "fmnist_vit.pt"}
 
 def build_fmnist_vit(arch: dict) -> VisionTransformer:
     """The embedded default's architecture: a timm VisionTransformer, optionally with a small
-    convolutional patch stem (two stride-2 3x3 convs instead of one 4x4 patchify conv)."""
+    convolutional patch stem (3x3 convs, two of stride 2, instead of one 4x4 patchify conv)."""
     arch = dict(arch)
     stem = arch.pop("stem", "patchify")
     model = VisionTransformer(**arch)
+    dim, in_chans = arch["embed_dim"], arch.get("in_chans", 3)
     if stem == "conv":
-        dim, hidden = arch["embed_dim"], arch["embed_dim"] // 2
         model.patch_embed.proj = nn.Sequential(
-            nn.Conv2d(arch.get("in_chans", 3), hidden, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(hidden, dim, 3, stride=2, padding=1),
-        )
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1))
+    elif stem == "conv3":  # a full-resolution conv first: local features before any downsampling
+        model.patch_embed.proj = nn.Sequential(
+            nn.Conv2d(in_chans, dim // 4, 3, stride=1, padding=1), nn.GELU(),
+            nn.Conv2d(dim // 4, dim // 2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1))
     elif stem != "patchify":
-        raise MimiqError(f"unknown stem {stem!r} (use 'patchify' or 'conv')")
+        raise MimiqError(f"unknown stem {stem!r} (use 'patchify', 'conv' or 'conv3')")
     return model
 
 
