@@ -65,14 +65,16 @@ def _state_dict_of(ckpt: dict) -> dict:
 
 
 def _load_into(model: nn.Module, sd: dict, what: str, name: str) -> None:
-    result = model.load_state_dict(sd, strict=False)
-    mismatched = [k for k, v in sd.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or mismatched:
-        detail = (f"missing {result.missing_keys[:3]}" if result.missing_keys
-                  else f"unexpected {result.unexpected_keys[:3]}" if result.unexpected_keys
-                  else f"shape mismatch {mismatched[:3]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        detail = (f"shape mismatch {mismatched[:3]}" if mismatched else f"missing {missing[:3]}" if missing
+                  else f"unexpected {unexpected[:3]}")
         raise MimiqError(f"{what} does not match architecture {name!r} ({detail}): "
                          f"pass the --model name the checkpoint was trained as")
+    model.load_state_dict(sd)
 
 
 def _load_embedded(name: str) -> nn.Module:
