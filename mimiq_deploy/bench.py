@@ -11,6 +11,7 @@ import numpy as np
 
 from .backends import BACKENDS
 from .build import read_build
+from .errors import atomic_write_json
 
 BENCH_FILE = "bench.json"
 
@@ -65,7 +66,7 @@ def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 
                          "p99_ms": float(np.percentile(t, 99)), "throughput_ips": float(b * 1000 / t.mean())})
             progress(f"{name} batch {b}: p50 {rows[-1]['p50_ms']:.3f} ms, {rows[-1]['throughput_ips']:.0f} img/s")
     report = {"rows": rows, "speedups": _speedups(rows), "skipped": built.get("skipped", {})}
-    (run_dir / BENCH_FILE).write_text(json.dumps(report, indent=2))
+    atomic_write_json(run_dir / BENCH_FILE, report)
     return report
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from string import Template
 
 from .backends import BACKENDS
-from .errors import MimiqError
+from .errors import MimiqError, atomic_write_json
 from .export import EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, load_export_config
 
 BUILD_FILE = "build.json"
@@ -68,7 +68,7 @@ def build(run_dir: Path, progress=print) -> dict:
         progress(reason)
     write_model_repository(run_dir, manifest, artifacts, cfg)
     result = {"bits": bits, "artifacts": artifacts, "skipped": skipped}
-    (run_dir / BUILD_FILE).write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / BUILD_FILE, result)
     return result
 
 

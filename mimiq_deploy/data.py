@@ -58,7 +58,7 @@ def _find_fmnist_file(name: str, data_dir: Path | None) -> Path:
         tmp.unlink(missing_ok=True)
         raise MimiqError(
             "Fashion-MNIST not found: install the Debian package (apt-get install dataset-fashion-mnist), "
-            f"or pass --data-dir with the four IDX .gz files (offline, no download possible)") from None
+            "or pass --data-dir with the four IDX .gz files (offline, no download possible)") from None
     return target
 
 

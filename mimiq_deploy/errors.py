@@ -1,4 +1,5 @@
 """One exception type for every user-facing mistake; the CLI prints it as one line."""
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +23,12 @@ def atomic_torch_save(obj, path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_json(path, obj) -> None:
+    """JSON written under a temporary name, then renamed: stages trust a record that exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

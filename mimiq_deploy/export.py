@@ -10,7 +10,6 @@ Each graph passes `check` (check.py) before it is written.
 """
 import dataclasses
 import io
-import json
 import os
 import warnings
 from collections import defaultdict
@@ -22,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import dataclass_from, read_toml
-from .errors import MimiqError
+from .errors import MimiqError, atomic_write_json
 from .quant.convert import set_quant_enabled
 from .quant.quantizer import qrange
 
@@ -243,7 +242,7 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         progress(f"wrote {out_dir / name}")
     manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
                 "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None)}
-    (out_dir / "export.json").write_text(json.dumps(manifest, indent=2))
+    atomic_write_json(out_dir / "export.json", manifest)
     return manifest
 
 

@@ -7,7 +7,6 @@ SGD nesterov, step lr decay, SimCLR-style augmentation (DESIGN.md §3).
 """
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from .attention import attention_modules
 from .config import dataclass_from, read_toml
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save
+from .errors import MimiqError, atomic_torch_save, atomic_write_json
 from .quant import QuantConfig, calibrate, quantize_model
 from .similarity import global_ssim
 
@@ -217,7 +216,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
     if rank == 0:
         save_student(run_dir / STUDENT_FILE, student.cpu(), model_name, checkpoint, cfg, meta)
-        (run_dir / "finetune.json").write_text(json.dumps({"bits": cfg.name, **meta}, indent=2))
+        atomic_write_json(run_dir / "finetune.json", {"bits": cfg.name, **meta})
     barrier()
     return meta
 

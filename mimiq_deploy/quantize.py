@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from .errors import MimiqError
+from .errors import MimiqError, atomic_write_json
 from .recipes import CALIB_DIR, resolve_recipe_path
 
 PRESETS = {"fast": "fmnist-vit-fast.toml"}
@@ -61,7 +61,7 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
         fn()
         timings[name] = time.time() - t0
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+        atomic_write_json(run_dir / "timings.json", timings)
 
     stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
     ft = _json(run_dir / "finetune.json")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import eval_dataset, evaluate
+from .errors import atomic_write_json
 
 
 def _version(package: str) -> str:
@@ -52,9 +53,7 @@ def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: 
                   export=_load(run_dir / "export" / "export.json"), build=_load(run_dir / "build.json"),
                   verify=_load(run_dir / "verify.json"), bench=_load(run_dir / "bench.json"),
                   stage_seconds=timings, **environment())
-    tmp = run_dir / "report.json.partial"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(run_dir / "report.json")
+    atomic_write_json(run_dir / "report.json", report)
     plots = _plots(run_dir, report)
     (run_dir / "report.md").write_text(render_markdown(report, plots))
     return report

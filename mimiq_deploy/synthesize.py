@@ -8,7 +8,6 @@ torchrun split the shards, and the result does not depend on either.
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from .attention import attention_modules
 from .config import dataclass_from, read_toml
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save
+from .errors import MimiqError, atomic_torch_save, atomic_write_json
 from .similarity import head_pair_ssim
 
 SYNTH_DIR = "synth"
@@ -175,14 +174,7 @@ def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
             raise MimiqError(f"{run_dir} holds shards made with another recipe (differs in {changed}): use another --out")
         return
     if rank == 0:
-        _write_json(path, header)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+        atomic_write_json(path, header)
 
 
 def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, progress: bool = True) -> dict:
@@ -245,7 +237,7 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     if timing and timing.get("images_steps_per_s"):
         manifest["images_steps_per_s"] = timing["images_steps_per_s"]
     if timing is not None:
-        _write_json(path, manifest)
+        atomic_write_json(path, manifest)
     return manifest
 
 
@@ -293,7 +285,7 @@ def save_image_set(run_dir: Path, model_name: str, images: torch.Tensor, labels:
               "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]),
               "std": list(data_cfg["std"]), "num_classes": data_cfg.get("num_classes", int(labels.max()) + 1),
               "kind": kind}
-    _write_json(manifest_path(run_dir), header)
+    atomic_write_json(manifest_path(run_dir), header)
     for s in range(header["num_shards"]):
         part = slice(s * shard_size, (s + 1) * shard_size)
         atomic_torch_save({"images": images[part].half(), "labels": labels[part], "losses": {}, "shard": s},

@@ -4,7 +4,6 @@ The same inputs go to the PyTorch student and to every artifact of build.json; r
 top-1 agreement with the student, mean logit cosine similarity, max abs logit error, and
 top-1 accuracy on the labelled eval set.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from .backends import BACKENDS
 from .build import read_build, read_export_manifest
+from .errors import atomic_write_json
 from .export import load_export_config
 
 VERIFY_FILE = "verify.json"
@@ -70,7 +70,7 @@ def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = N
         if row["checked"] and (row["agreement"] < cfg.min_agreement or row["cosine"] < cfg.min_cosine):
             report["failed"].append(name)
         report["artifacts"][name] = row
-    (run_dir / VERIFY_FILE).write_text(json.dumps(report, indent=2))
+    atomic_write_json(run_dir / VERIFY_FILE, report)
     return report
 
 
