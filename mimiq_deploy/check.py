@@ -54,6 +54,12 @@ def check_graph(model: onnx.ModelProto, target: str) -> list[str]:
             zp = consts.get(node.input[2])
             if zp is None:
                 problems.append(f"{node.name}: zero point is not a constant")
+            elif zp.data_type == TensorProto.UINT8:
+                # uint8 with zero point 128 is the symmetric int8 scheme re-encoded (ORT only)
+                if target == "tensorrt":
+                    problems.append(f"{node.name}: uint8 quantization (TensorRT takes int8 with zero point 0)")
+                elif np.any(numpy_helper.to_array(zp) != 128):
+                    problems.append(f"{node.name}: uint8 zero point is not 128 (not symmetric)")
             elif np.any(numpy_helper.to_array(zp) != 0):
                 problems.append(f"{node.name}: zero point is not zero")
         on_weight = node.op_type == "DequantizeLinear" and node.input[0] in consts
