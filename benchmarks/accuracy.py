@@ -14,6 +14,7 @@ tuning the recipe); --split test is the reported number.
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--out", default="runs/benchmark")
+    ap.add_argument("--results", default=None, help="Also write the table (and this command) to this Markdown file.")
     args = ap.parse_args()
     teacher = load_model("fmnist-vit")
     cfg = teacher.pretrained_cfg
@@ -107,7 +109,12 @@ def main():
             v = results[(row, b)]
             cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds[row] / runs:.0f} |")
+    lines += ["", f"{len(seeds) * len(bits_list)} runs per row; wall s / run includes the row's share of its synthesis; "
+              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+              "", "Regenerate: `python benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]
     print("\n".join(lines))
+    if args.results:
+        Path(args.results).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
