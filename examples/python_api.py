@@ -13,7 +13,7 @@ from mimiq_deploy.verify import format_verify, verify
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/api")
 teacher = load_model("fmnist-vit")
-synthesize(teacher, "fmnist-vit", run, SynthesisRecipe(num_images=256, batch_size=64, steps=100, jitter=2))
+synthesize(teacher, "fmnist-vit", run, SynthesisRecipe(num_images=256, batch_size=64, steps=100, jitter=0))
 images, labels, _ = load_synthetic(run)
 print("inter-head |SSIM| of the synthetic set:", round(mean_inter_head_similarity(teacher, images), 4))
 

@@ -91,7 +91,8 @@ def format_bench(report: dict) -> str:
         lines.append(f"{r['artifact']:<22} {r['batch']:>5} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f} "
                      f"{r['throughput_ips']:9.0f}")
     for s in report["speedups"]:
-        lines.append(f"{s['float']} / {s['quantized']} p50 at batch {s['batch']}: {s['float_over_quantized_p50']:.2f}x")
+        lines.append(f"speed-up of {s['quantized']} over {s['float']} at batch {s['batch']} (p50 ratio): "
+                     f"{s['float_over_quantized_p50']:.2f}x")
     for reason in report["skipped"].values():
         lines.append(reason)
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from .attention import attention_modules
 from .config import dataclass_from, read_toml
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError, atomic_torch_save, atomic_write_json
-from .quant import QuantConfig, calibrate, quantize_model
+from .quant import QuantConfig, calibrate, quant_modules, quantize_model
 from .similarity import global_ssim
 
 STUDENT_FILE = "student.pt"
@@ -143,6 +143,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    quantizers = list(quant_modules(student).values())
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
     start_epoch, history, seconds = 0, [], 0.0
     if state_path.exists():
@@ -196,6 +197,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for q in quantizers:
+                    q.project_scale()
                 sums["loss"] += loss.item()
                 sums["kl"] += kl.item()
                 bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
@@ -231,8 +234,12 @@ def load_student(path: Path):
         raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
     teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"])
     student = build_student(teacher, parse_bits(ckpt["bits"]))
+    state = dict(ckpt["state_dict"])
+    for name, value in student.state_dict().items():
+        if name.endswith("scale_floor"):  # only used in training; absent from older checkpoints
+            state.setdefault(name, value)
     try:
-        student.load_state_dict(ckpt["state_dict"])
+        student.load_state_dict(state)
     except RuntimeError:
         raise MimiqError(f"{path} does not match the {ckpt['model_name']} teacher it names "
                          "(was the teacher checkpoint replaced?)") from None

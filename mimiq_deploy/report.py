@@ -137,7 +137,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             "|---|---|---|---|---|---|"]
     out += [f"| {r['artifact']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "
             f"{r['throughput_ips']:.0f} |" for r in b.get("rows", [])]
-    out += [f"- {x['float']} / {x['quantized']} p50 at batch {x['batch']}: {x['float_over_quantized_p50']:.2f}x"
+    out += [f"- speed-up of {x['quantized']} over {x['float']} at batch {x['batch']} (p50 ratio): "
+            f"{x['float_over_quantized_p50']:.2f}x"
             for x in b.get("speedups", [])]
     out += [f"- {reason}" for reason in b.get("skipped", {}).values()]
     sim = report["inter_head_similarity"]

@@ -79,3 +79,16 @@ def test_parse_bits():
     for bad in ("w1a8", "w4a9", "int8", "w16a16"):
         with pytest.raises(MimiqError, match="unsupported bit setting"):
             parse_bits(bad)
+
+
+def test_learned_step_sizes_stay_above_their_floor():
+    from mimiq_deploy.quant.quantizer import SCALE_FLOOR
+    q = TensorQuantizer(8, narrow=True, axis=0, channels=3)
+    w = torch.randn(3, 9)
+    q.init_from_weight(w)
+    calibrated = q.scale.detach().clone()
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([-0.05, 0.0, 1.0]))  # what large LSQ steps did to a 9-weight channel
+    q.project_scale()
+    assert torch.equal(q.scale.detach(), torch.maximum(torch.tensor([-0.05, 0.0, 1.0]), calibrated * SCALE_FLOOR))
+    assert (q.scale > 0).all()
