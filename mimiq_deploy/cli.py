@@ -99,7 +99,10 @@ def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
 @recipe_option
 @click.option("--no-ihc", is_flag=True, help="Base synthesis: CE + TV only (ablation).")
 @click.option("--noise-only", is_flag=True, help="Plain Gaussian noise, no optimization (ablation).")
-def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only):
+@click.option("--patch-entropy", type=float, default=None,
+              help="MaskAQ option: weight of the patch-similarity entropy bonus (0: off).")
+def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only,
+               patch_entropy):
     """MimiQ synthetic calibration images (resumable, shards split across torchrun ranks)."""
     from .models import load_model
     from .recipes import resolve_recipe_path
@@ -107,7 +110,8 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
 
     r = load_synthesis_recipe(resolve_recipe_path(recipe, model_name),
                               dict(num_images=num_images, batch_size=batch_size, steps=steps, seed=seed,
-                                   ihc=False if no_ihc else None, noise_only=True if noise_only else None))
+                                   ihc=False if no_ihc else None, noise_only=True if noise_only else None,
+                                   patch_entropy=patch_entropy))
     manifest = run(load_model(model_name, checkpoint), model_name, run_dir, r)
     losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest["final_losses"].items())
     click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
@@ -126,9 +130,11 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
 @click.option("--lr", type=float, default=None)
 @click.option("--gamma", type=float, default=None, help="L_HAD weight.")
 @click.option("--no-had", is_flag=True, help="KL only (ablation).")
+@click.option("--had-token-weight", is_flag=True, help="MaskAQ option: weigh tokens in L_HAD by the teacher's CLS attention.")
 @click.option("--seed", type=int, default=None)
 @recipe_option
-def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had, seed, recipe):
+def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had, had_token_weight,
+             seed, recipe):
     """Head-distilled QAT of the fake-quant student (resumes after an interruption)."""
     from .finetune import finetune as run, load_finetune_recipe
     from .models import load_model
@@ -138,7 +144,7 @@ def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size,
     cfg = parse_bits(bits)
     r = load_finetune_recipe(resolve_recipe_path(recipe, model_name),
                              dict(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, seed=seed,
-                                  had=False if no_had else None))
+                                  had=False if no_had else None, had_token_weight=True if had_token_weight else None))
     out_dir = out_dir or run_dir
     if out_dir != run_dir:
         _link_synthetic(run_dir, out_dir)

@@ -23,3 +23,9 @@ def dataclass_from(cls, values: dict, where: str):
     if unknown:
         raise MimiqError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
     return cls(**values)
+
+
+def with_defaults(cls, stored: dict) -> dict:
+    """A recipe dict written by an older version, completed with the defaults of fields added since
+    (they are off by default), so that runs made before an option existed still resume."""
+    return {**dataclasses.asdict(cls()), **stored}

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from .attention import attention_modules
-from .config import dataclass_from, read_toml
+from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError, atomic_torch_save, atomic_write_json
 from .quant import QuantConfig, calibrate, quant_modules, quantize_model
@@ -37,6 +37,7 @@ class FinetuneRecipe:
     temperature: float = 5.0
     gamma: float = 10.0          # L_HAD weight
     had: bool = True             # False: KL only (ablation)
+    had_token_weight: bool = False  # MaskAQ option: tokens weighted by the teacher's CLS attention in L_HAD
     augment: bool = True         # SimCLR-style augmentation of synthetic batches
     calib_images: int = 512      # images for the step-size calibration pass
     seed: int = 0
@@ -79,25 +80,39 @@ class SimCLRAugment:
 
 
 class HeadOutputRecorder:
-    """Each captured attention block's head outputs softmax(QK^T)V of the last forward."""
+    """Each captured attention block's head outputs softmax(QK^T)V (and attention maps) of the last forward."""
 
     def __init__(self, model):
-        self.outputs = []
-        self.handles = [m.av.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
-                        for m in attention_modules(model)]
+        self.outputs, self.maps = [], []
+
+        def keep(_m, inputs, out):
+            self.outputs.append(out)
+            self.maps.append(inputs[0].detach())
+        self.handles = [m.av.register_forward_hook(keep) for m in attention_modules(model)]
 
     def clear(self):
-        self.outputs = []
+        self.outputs, self.maps = [], []
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
 
-def had_loss(teacher_heads, student_heads, prefix: int) -> torch.Tensor:
-    """1 - mean SSIM (no luminance term, stats over tokens per channel) over layers and heads."""
-    sims = [global_ssim(t[:, :, prefix:].detach(), s[:, :, prefix:], dim=2, luminance=False).mean()
-            for t, s in zip(teacher_heads, student_heads)]
+def had_loss(teacher_heads, student_heads, prefix: int, teacher_maps=None) -> torch.Tensor:
+    """1 - mean SSIM (no luminance term, stats over tokens per channel) over layers and heads.
+
+    teacher_maps (the teacher's attention maps, per layer): weigh each token by the attention the
+    CLS token pays it (head-averaged; without a CLS token, the attention it receives on average),
+    so the teacher's most attended tokens count most (MaskAQ's token weighting)."""
+    sims = []
+    for i, (t, s) in enumerate(zip(teacher_heads, student_heads)):
+        weights = None
+        if teacher_maps is not None:
+            attn = teacher_maps[i][:, :, :, prefix:]                      # (B, H, N, P)
+            w = (attn[:, :, 0] if prefix else attn.mean(2)).mean(1)       # (B, P)
+            weights = (w / w.sum(1, keepdim=True)).view(w.shape[0], 1, -1, 1)
+        sims.append(global_ssim(t[:, :, prefix:].detach(), s[:, :, prefix:], dim=2, luminance=False,
+                                weights=weights).mean())
     return 1 - torch.stack(sims).mean()
 
 
@@ -148,7 +163,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     start_epoch, history, seconds = 0, [], 0.0
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["signature"] != signature:
+        stored = {**state["signature"], "recipe": with_defaults(FinetuneRecipe, state["signature"]["recipe"])}
+        if stored != signature:
             raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
                              "other recipe): remove it or use another run directory")
         student.load_state_dict(state["student"])
@@ -191,7 +207,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
                 kl = kd_loss(s_logits, t_logits, recipe.temperature)
                 loss = kl
                 if recipe.had:
-                    had = had_loss(t_rec.outputs, s_rec.outputs, prefix)
+                    had = had_loss(t_rec.outputs, s_rec.outputs, prefix,
+                                   t_rec.maps if recipe.had_token_weight else None)
                     loss = loss + recipe.gamma * had
                     sums["had"] += had.item()
                 opt.zero_grad(set_to_none=True)

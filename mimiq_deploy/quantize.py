@@ -37,7 +37,8 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     from .bench import bench
     from .build import build
     from .export import export_student, load_export_config
-    from .finetune import finetune, load_finetune_recipe, load_student
+    from .config import with_defaults
+    from .finetune import FinetuneRecipe, finetune, load_finetune_recipe, load_student
     from .models import load_model
     from .quant import parse_bits
     from .report import write_report
@@ -66,7 +67,7 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
     ft = _json(run_dir / "finetune.json")
     ft_done = (run_dir / "student.pt").exists() and ft is not None and ft.get("bits") == cfg.name \
-        and ft.get("recipe") == dataclasses.asdict(ft_recipe)
+        and with_defaults(FinetuneRecipe, ft.get("recipe", {})) == dataclasses.asdict(ft_recipe)
     stage("finetune", ft_done, lambda: finetune(teacher, model_name, checkpoint, run_dir, cfg, ft_recipe))
     exp = _json(run_dir / "export" / "export.json")
     stage("export", exp is not None and exp.get("bits") == cfg.name and exp.get("config") == dataclasses.asdict(export_cfg),

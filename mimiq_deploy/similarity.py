@@ -8,11 +8,16 @@ import torch
 C1, C2 = 0.01 ** 2, 0.03 ** 2  # SSIM constants for data range 1
 
 
-def global_ssim(x: torch.Tensor, y: torch.Tensor, dim: int = -1, luminance: bool = True) -> torch.Tensor:
-    """SSIM of x and y with statistics taken over `dim` (reduced away)."""
-    mx, my = x.mean(dim, keepdim=True), y.mean(dim, keepdim=True)
+def global_ssim(x: torch.Tensor, y: torch.Tensor, dim: int = -1, luminance: bool = True,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """SSIM of x and y with statistics taken over `dim` (reduced away).
+
+    weights (broadcastable to x, summing to 1 along dim): weighted means, variances, covariance."""
+    def mean(t, keepdim=False):
+        return t.mean(dim, keepdim=keepdim) if weights is None else (t * weights).sum(dim, keepdim=keepdim)
+    mx, my = mean(x, True), mean(y, True)
     dx, dy = x - mx, y - my
-    vx, vy, cov = (dx * dx).mean(dim), (dy * dy).mean(dim), (dx * dy).mean(dim)
+    vx, vy, cov = mean(dx * dx), mean(dy * dy), mean(dx * dy)
     cs = (2 * cov + C2) / (vx + vy + C2)
     if not luminance:
         return cs

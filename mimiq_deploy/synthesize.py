@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .attention import attention_modules
-from .config import dataclass_from, read_toml
+from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError, atomic_torch_save, atomic_write_json
 from .similarity import head_pair_ssim
@@ -40,6 +40,7 @@ class SynthesisRecipe:
     flip: bool = True
     color_shift: float = 0.1    # std of a per-image, per-channel offset (normalized units)
     noise: float = 0.05         # std of per-pixel noise added each step
+    patch_entropy: float = 0.0  # MaskAQ option: weight of the patch-similarity entropy bonus (0: off)
     seed: int = 0
 
 
@@ -94,6 +95,17 @@ def ihc_similarity(recorder: AttentionRecorder, model, window: int) -> torch.Ten
     return torch.stack([head_pair_ssim(l, grid, model.num_prefix_tokens, window) for l in recorder.logits], 1)
 
 
+def patch_similarity_entropy(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B,) differential entropy of the cosine similarities between an image's patch features,
+    in the Gaussian closed form 0.5 * log(2*pi*e*var) (MaskAQ: spread them to separate
+    informative patches from background)."""
+    f = F.normalize(tokens[:, prefix:], dim=-1)
+    sim = f @ f.transpose(1, 2)
+    p = sim.shape[1]
+    off_diagonal = sim[:, ~torch.eye(p, dtype=torch.bool, device=sim.device)]
+    return 0.5 * torch.log(2 * math.pi * math.e * off_diagonal.var(1) + 1e-12)
+
+
 def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid range of normalized pixels: (0 - mean)/std .. (1 - mean)/std per channel."""
     mean = torch.tensor(data_cfg["mean"], device=device).view(1, -1, 1, 1)
@@ -120,6 +132,11 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     opt = torch.optim.AdamW([x], lr=recipe.lr, betas=(0.9, 0.999), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.steps, eta_min=recipe.lr_min)
     recorder = AttentionRecorder(model)
+    last_tokens = []
+    if recipe.patch_entropy:
+        if not hasattr(model, "blocks"):
+            raise MimiqError("patch_entropy needs a ViT with `blocks` (timm VisionTransformer)")
+        recorder.handles.append(model.blocks[-1].register_forward_hook(lambda _m, _i, out: last_tokens.append(out)))
     try:
         for _ in range(recipe.steps):
             dy, dx = torch.randint(-recipe.jitter, recipe.jitter + 1, (2,), generator=gen).tolist()
@@ -129,6 +146,7 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
             shift = torch.randn((n, shape[1], 1, 1), generator=gen).to(device) * recipe.color_shift
             xa = xa + shift + torch.randn(shape, generator=gen).to(device) * recipe.noise
             recorder.clear()
+            last_tokens.clear()
             logits = model(xa)
             ce = F.cross_entropy(logits, labels)
             tv = total_variation(x)
@@ -137,6 +155,10 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
                 ihc = (1 - ihc_similarity(recorder, model, recipe.ihc_window) ** 2).mean()
                 loss = loss + ihc
                 losses["ihc"] = ihc.item()
+            if recipe.patch_entropy:
+                entropy = patch_similarity_entropy(last_tokens[-1], model.num_prefix_tokens).mean()
+                loss = loss - recipe.patch_entropy * entropy
+                losses["entropy"] = entropy.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -169,8 +191,9 @@ def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
         if old.get("model") != header["model"]:
             raise MimiqError(f"{run_dir} holds shards of model {old.get('model')!r}, not {header['model']!r}: "
                              "use another --out")
-        if old.get("recipe") != header["recipe"]:
-            changed = sorted(k for k in header["recipe"] if old.get("recipe", {}).get(k) != header["recipe"][k])
+        old_recipe = with_defaults(SynthesisRecipe, old.get("recipe", {}))
+        if old_recipe != header["recipe"]:
+            changed = sorted(k for k in header["recipe"] if old_recipe.get(k) != header["recipe"][k])
             raise MimiqError(f"{run_dir} holds shards made with another recipe (differs in {changed}): use another --out")
         return
     if rank == 0:
@@ -229,7 +252,7 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
     n = sum(len(s["labels"]) for s in shards)
     stats = {}
-    for key in ("ihc", "ce", "tv", "teacher_top1"):
+    for key in ("ihc", "entropy", "ce", "tv", "teacher_top1"):
         vals = [(s["losses"][key], len(s["labels"])) for s in shards if key in s["losses"]]
         if vals:
             stats[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)

@@ -113,3 +113,21 @@ def test_bad_input(cli, synth_dir, tmp_path):
     torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), other)
     r = cli("finetune", "--model", "deit_tiny_patch16_224", "--checkpoint", other, "--data", synth_dir)
     assert r.returncode == 1 and "holds images of 'fmnist-vit'" in r.stderr
+
+
+def test_token_weighted_had_loss():
+    torch.manual_seed(0)
+    heads = [torch.randn(2, 4, 50, 16) for _ in range(3)]
+    maps = [torch.softmax(torch.randn(2, 4, 50, 50), -1) for _ in range(3)]
+    assert had_loss(heads, heads, prefix=1, teacher_maps=maps).abs() < 1e-6
+    # Uniform token weights are the unweighted loss.
+    uniform = [torch.full((2, 4, 50, 50), 1 / 50) for _ in range(3)]
+    noisy = [h + torch.randn_like(h) for h in heads]
+    assert torch.isclose(had_loss(heads, noisy, 1, uniform), had_loss(heads, noisy, 1), atol=1e-5)
+    # Damage confined to the tokens the CLS token ignores barely counts once tokens are weighted.
+    focus = torch.zeros(2, 4, 50, 50)
+    focus[:, :, :, 1:11] = 0.1
+    damaged = [h.clone() for h in heads]
+    for d in damaged:
+        d[:, :, 11:] += torch.randn_like(d[:, :, 11:])
+    assert had_loss(heads, damaged, 1, [focus] * 3) < 0.5 * had_loss(heads, damaged, 1)

@@ -102,3 +102,22 @@ def test_bad_input(cli, tmp_path, teacher):
     manifest_path(tmp_path / "other").write_text(json.dumps(manifest))
     r = cli("synthesize", "--out", tmp_path / "other", "--num-images", "10", "--batch-size", "4", "--steps", "3")
     assert r.returncode == 1 and "holds shards of model 'deit_tiny_patch16_224'" in r.stderr
+
+
+def test_patch_entropy_term(teacher, tmp_path):
+    from mimiq_deploy.synthesize import patch_similarity_entropy
+    tokens = torch.randn(3, 50, 16)
+    same = tokens.clone()
+    same[:, 1:] = tokens[:, 1:2]  # all patches alike: similarities all 1, no spread
+    assert (patch_similarity_entropy(tokens, 1) > patch_similarity_entropy(same, 1) + 5).all()
+    manifest = synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY, patch_entropy=0.1), progress=False)
+    assert "entropy" in manifest["final_losses"] and manifest["recipe"]["patch_entropy"] == 0.1
+
+
+def test_runs_from_before_an_option_existed_still_resume(teacher, tmp_path):
+    synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)
+    manifest = json.loads(manifest_path(tmp_path).read_text())
+    del manifest["recipe"]["patch_entropy"]  # as written before the option was added
+    manifest_path(tmp_path).write_text(json.dumps(manifest))
+    shard_path(tmp_path, 2).unlink()
+    assert synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)["complete"]
