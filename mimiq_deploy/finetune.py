@@ -38,6 +38,7 @@ class FinetuneRecipe:
     gamma: float = 10.0          # L_HAD weight
     had: bool = True             # False: KL only (ablation)
     had_token_weight: bool = False  # MaskAQ option: tokens weighted by the teacher's CLS attention in L_HAD
+    learn_weight_scales: bool = True  # False: weight step sizes stay at their MSE calibration
     augment: bool = True         # SimCLR-style augmentation of synthetic batches
     calib_images: int = 512      # images for the step-size calibration pass
     seed: int = 0
@@ -156,6 +157,10 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
 
     state_path = run_dir / STATE_FILE
     signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
+    if not recipe.learn_weight_scales:
+        for name, p in student.named_parameters():
+            if name.endswith("weight_quant.scale"):
+                p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
     quantizers = list(quant_modules(student).values())

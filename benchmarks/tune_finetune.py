@@ -1,0 +1,47 @@
+"""Fine-tuning variants on the validation split (5,000 images carved from the training set).
+
+One synthetic set (a run directory of `mimiq-deploy synthesize`), one bit setting, recipe
+overrides given as `key=value,...` per variant; prints validation top-1 and wall time.
+
+    python benchmarks/tune_finetune.py --data runs/benchmark/mimiq-s0 --bits w4a4 \\
+        "epochs=0" "augment=True,learn_weight_scales=True" "augment=False" "augment=False,learn_weight_scales=False"
+"""
+import argparse
+import ast
+import time
+from pathlib import Path
+
+from accuracy import eval_split
+
+from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
+from mimiq_deploy.models import load_model
+from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.teacher import accuracy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="Run directory holding the synthetic set.")
+    ap.add_argument("--bits", default="w4a4")
+    ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
+    ap.add_argument("--out", default="runs/tune")
+    ap.add_argument("variants", nargs="+", help="Recipe overrides, e.g. augment=False,gamma=1.0")
+    args = ap.parse_args()
+    teacher = load_model("fmnist-vit")
+    x, y = eval_split("val", teacher.pretrained_cfg)
+    print(f"teacher: {accuracy(teacher, x, y):.2f} % validation top-1")
+    for spec in args.variants:
+        overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        run = Path(args.out) / f"{args.bits}-{spec.replace(',', '_').replace('=', '')}"
+        run.mkdir(parents=True, exist_ok=True)
+        if not (run / "synth").exists():
+            (run / "synth").symlink_to((Path(args.data) / "synth").resolve(), target_is_directory=True)
+        t0 = time.time()
+        finetune(teacher, "fmnist-vit", None, run, parse_bits(args.bits), load_finetune_recipe(args.recipe, overrides),
+                 progress=False)
+        print(f"{args.bits} {spec}: {accuracy(load_student(run / 'student.pt'), x, y):.2f} % validation top-1 "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
