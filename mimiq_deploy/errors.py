@@ -25,10 +25,15 @@ def atomic_torch_save(obj, path) -> None:
             os.unlink(tmp)
 
 
-def atomic_write_json(path, obj) -> None:
-    """JSON written under a temporary name, then renamed: stages trust a record that exists."""
+def atomic_write_text(path, text: str) -> None:
+    """Text written under a temporary name, then renamed: a file that exists is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj) -> None:
+    """JSON written atomically: stages trust a record that exists."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

@@ -81,14 +81,15 @@ class SimCLRAugment:
 
 
 class HeadOutputRecorder:
-    """Each captured attention block's head outputs softmax(QK^T)V (and attention maps) of the last forward."""
+    """Each captured attention block's head outputs softmax(QK^T)V of the last forward (and, with maps, its attention maps)."""
 
-    def __init__(self, model):
+    def __init__(self, model, maps: bool = False):
         self.outputs, self.maps = [], []
 
         def keep(_m, inputs, out):
             self.outputs.append(out)
-            self.maps.append(inputs[0].detach())
+            if maps:
+                self.maps.append(inputs[0].detach())
         self.handles = [m.av.register_forward_hook(keep) for m in attention_modules(model)]
 
     def clear(self):
@@ -187,7 +188,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
     gen = torch.Generator().manual_seed(recipe.seed)
     augment = SimCLRAugment(manifest["mean"], manifest["std"], tuple(manifest["input_size"][1:])) if recipe.augment else None
-    t_rec, s_rec = HeadOutputRecorder(teacher), HeadOutputRecorder(student)
+    t_rec, s_rec = HeadOutputRecorder(teacher, maps=recipe.had_token_weight), HeadOutputRecorder(student)
     prefix = teacher.num_prefix_tokens
     try:
         for epoch in range(start_epoch, recipe.epochs):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import eval_dataset, evaluate
-from .errors import atomic_write_json
+from .errors import atomic_write_json, atomic_write_text
 
 
 def _version(package: str) -> str:
@@ -31,6 +31,16 @@ def environment() -> dict:
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save_png(fig, path: Path) -> None:
+    """A plot written under a temporary name, then renamed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: dict, val_dir=None, data_dir=None) -> dict:
@@ -55,7 +65,7 @@ def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: 
                   stage_seconds=timings, **environment())
     atomic_write_json(run_dir / "report.json", report)
     plots = _plots(run_dir, report)
-    (run_dir / "report.md").write_text(render_markdown(report, plots))
+    atomic_write_text(run_dir / "report.md", render_markdown(report, plots))
     return report
 
 
@@ -97,7 +107,7 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
     ax.set_xlabel(f"top-1 % on {report['teacher']['dataset']}")
     lo = min(r[2] for r in rows if r[2] is not None)
     ax.set_xlim(max(0, lo - 5), 100)
-    fig.tight_layout(); fig.savefig(run_dir / "accuracy.png", dpi=100); plt.close(fig)
+    _save_png(fig, run_dir / "accuracy.png")
     made.append("accuracy.png")
     bench_rows = (report.get("bench") or {}).get("rows", [])
     if bench_rows:
@@ -110,13 +120,13 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
             ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {bsz}")
         ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names)
         ax.set_ylabel("p50 latency (ms)"); ax.set_yscale("log"); ax.legend()
-        fig.tight_layout(); fig.savefig(run_dir / "latency.png", dpi=100); plt.close(fig)
+        _save_png(fig, run_dir / "latency.png")
         made.append("latency.png")
     sim = report["inter_head_similarity"]
     fig, ax = plt.subplots(figsize=(5, 2.5))
     ax.bar([f"synthetic ({sim['synthetic_kind']})", "real"], [sim["synthetic"], sim["real"]], color=["tab:orange", "tab:green"])
     ax.set_ylabel("mean inter-head |SSIM|")
-    fig.tight_layout(); fig.savefig(run_dir / "inter_head_similarity.png", dpi=100); plt.close(fig)
+    _save_png(fig, run_dir / "inter_head_similarity.png")
     made.append("inter_head_similarity.png")
     return made
 

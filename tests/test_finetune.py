@@ -131,3 +131,15 @@ def test_token_weighted_had_loss():
     for d in damaged:
         d[:, :, 11:] += torch.randn_like(d[:, :, 11:])
     assert had_loss(heads, damaged, 1, [focus] * 3) < 0.5 * had_loss(heads, damaged, 1)
+
+
+def test_finetune_options_token_weight_and_frozen_weight_scales(teacher, synth_dir, tmp_path):
+    run = _fresh_run(synth_dir, tmp_path, "options")
+    recipe = FinetuneRecipe(**{**TINY_FT, "epochs": 1}, had_token_weight=True, learn_weight_scales=False)
+    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a4"), recipe, progress=False)
+    assert meta["history"][0]["had"] > 0
+    student = load_student(run / "student.pt")
+    calibrated = ft.build_student(teacher, parse_bits("w4a4"))  # weight step sizes before any training
+    for name, q in quant_modules(student).items():
+        if q.axis == 0:  # weight quantizers kept their MSE calibration
+            assert torch.equal(q.scale, quant_modules(calibrated)[name].scale), name
