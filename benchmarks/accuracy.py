@@ -7,6 +7,10 @@ Fashion-MNIST top-1 of the fake-quant student per bit setting, mean +- std over 
   7 real-data QAT: the fine-tuning of row 6 on as many real training images
   8 row 6 with MaskAQ's patch-similarity entropy term in synthesis
   9 row 6 with MaskAQ's token-weighted L_HAD
+ 10 row 6 on a MaskAQ set: MimiQ + patch entropy + masked attention alignment with the PTQ
+    student (calibrated on the row-6 MimiQ set), one set per bit setting
+ 11 full MaskAQ: row 10 + token-weighted L_HAD + periodic refresh of the set against the
+    current student during fine-tuning
 Rows 3-9 share the number of images, epochs and schedule (from --recipe). --rows picks rows;
 finished runs in --out are reused, so extra rows can be added later.
 --split val scores on the 5,000-image validation split carved from the training set (for
@@ -24,16 +28,19 @@ from pathlib import Path
 import torch
 
 from mimiq_deploy.data import load_fmnist, normalize_uint8
-from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
+from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student, ptq_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
-from mimiq_deploy.synthesize import load_synthesis_recipe, save_image_set, synthesize
+from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, save_image_set, synthesize
 from mimiq_deploy.teacher import TeacherRecipe, accuracy
 
 ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base synthesis + KL",
         "5 MimiQ + KL", "6 MimiQ + KL + HAD", "7 real data + KL + HAD",
-        "8 MimiQ + patch entropy + KL + HAD", "9 MimiQ + KL + token-weighted HAD"]  # 8, 9: MaskAQ options
-PATCH_ENTROPY = 1.0  # row 8's weight: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
+        "8 MimiQ + patch entropy + KL + HAD", "9 MimiQ + KL + token-weighted HAD",
+        "10 MimiQ + MaskAQ synthesis terms + KL + HAD", "11 full MaskAQ (+ token-weighted HAD, refresh)"]  # 8-11: MaskAQ
+PATCH_ENTROPY = 1.0  # rows 8, 10, 11: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
+MASKAQ_SYNTHESIS = {"patch_entropy": PATCH_ENTROPY, "mask_align": 1.0}  # rows 10, 11 (alignment ~0.6 at W4A4 PTQ)
+MASKAQ_REFRESH = {"refresh_every": 4, "refresh_fraction": 0.5}  # row 11: half the set renewed after epoch 4 of 8
 
 
 def eval_split(split: str, cfg: dict):
@@ -57,12 +64,30 @@ def real_images(n: int, seed: int, cfg: dict):
     return normalize_uint8(x[pick], cfg["mean"], cfg["std"]), y[pick]
 
 
+def maskaq_set(teacher, recipe_path, seed: int, bits: str, mimiq_dir: Path, out_dir: Path):
+    """Rows 10-11's set: MaskAQ synthesis against the PTQ student of `bits` calibrated on the MimiQ set.
+
+    Returns (directory, seconds, synthesis recipe)."""
+    recipe = load_synthesis_recipe(recipe_path, {"seed": seed, **MASKAQ_SYNTHESIS})
+    calib = load_finetune_recipe(recipe_path, {}).calib_images
+    student = ptq_student(teacher, parse_bits(bits), load_synthetic(mimiq_dir)[0][:calib])
+    manifest = synthesize(teacher, "fmnist-vit", out_dir, recipe, student=student,
+                          student_tag=f"{bits} PTQ on {mimiq_dir.name}")
+    return out_dir, synthesis_seconds(manifest), recipe
+
+
+def synthesis_seconds(manifest: dict) -> float:
+    """A set's synthesis time from its manifest's measured rate (also right for a set reused from an earlier run)."""
+    rate = manifest.get("images_steps_per_s")
+    return manifest["recipe"]["num_images"] * manifest["recipe"]["steps"] / rate if rate else 0.0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
     ap.add_argument("--bits", default="w4a4,w4a8,w8a8")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="Row numbers to run (8, 9: MaskAQ options).")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="Row numbers to run (8-11: MaskAQ options).")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--out", default="runs/benchmark")
     ap.add_argument("--results", default=None, help="Also write the table (and this command) to this Markdown file.")
@@ -80,9 +105,12 @@ def main():
     plan = [(ROWS[1], "mimiq", {"epochs": 0}), (ROWS[2], "noise", {"had": False}),
             (ROWS[3], "base", {"had": False}), (ROWS[4], "mimiq", {"had": False}),
             (ROWS[5], "mimiq", {}), (ROWS[6], "real", {}), (ROWS[7], "entropy", {}),
-            (ROWS[8], "mimiq", {"had_token_weight": True})]
+            (ROWS[8], "mimiq", {"had_token_weight": True}), (ROWS[9], "maskaq", {}),
+            (ROWS[10], "maskaq", {"had_token_weight": True, **MASKAQ_REFRESH})]
     plan = [p for p in plan if p[0] in rows]
     kinds = {kind for _, kind, _ in plan}
+    if "maskaq" in kinds:
+        kinds.add("mimiq")  # the PTQ student that MaskAQ synthesis aligns with is calibrated on it
     for seed in seeds:
         synth = {}
         for kind, overrides in (("mimiq", {}), ("base", {"ihc": False}), ("noise", {"noise_only": True}),
@@ -91,14 +119,15 @@ def main():
                 continue
             recipe = load_synthesis_recipe(args.recipe, {"seed": seed, **overrides})
             synth[kind] = out / f"{kind}-s{seed}"
-            t0 = time.time()
-            synthesize(teacher, "fmnist-vit", synth[kind], recipe)
-            synth[kind + "_seconds"] = time.time() - t0
+            synth[kind + "_seconds"] = synthesis_seconds(synthesize(teacher, "fmnist-vit", synth[kind], recipe))
         n = load_synthesis_recipe(args.recipe, {}).num_images
         synth["real"] = out / f"real-s{seed}"
         save_image_set(synth["real"], "fmnist-vit", *real_images(n, seed, cfg), kind="real", data_cfg=cfg)
         synth["real_seconds"] = 0.0
         for bits in bits_list:
+            if "maskaq" in kinds:
+                synth["maskaq"], synth["maskaq_seconds"], maskaq_recipe = maskaq_set(
+                    teacher, args.recipe, seed, bits, synth["mimiq"], out / f"maskaq-s{seed}-{bits}")
             for row, kind, overrides in plan:
                 run = out / f"{kind}-s{seed}-{bits}-{row.split()[0]}"
                 run.mkdir(parents=True, exist_ok=True)
@@ -107,8 +136,12 @@ def main():
                     link.symlink_to((synth[kind] / "synth").resolve(), target_is_directory=True)
                 recipe = load_finetune_recipe(args.recipe, {"seed": seed, **overrides})
                 t0 = time.time()
-                finetune(teacher, "fmnist-vit", None, run, parse_bits(bits), recipe)
-                seconds[row] += time.time() - t0 + synth[kind + "_seconds"] / len(bits_list)
+                finetune(teacher, "fmnist-vit", None, run, parse_bits(bits), recipe,
+                         synth_recipe=maskaq_recipe if kind == "maskaq" else None)
+                share = synth[kind + "_seconds"] if kind == "maskaq" else synth[kind + "_seconds"] / len(bits_list)
+                if kind == "maskaq":  # plus its share of the MimiQ set its PTQ student was calibrated on
+                    share += synth["mimiq_seconds"] / len(bits_list)
+                seconds[row] += time.time() - t0 + share
                 results[(row, bits)].append(accuracy(load_student(run / "student.pt"), x_eval, y_eval))
                 print(f"seed {seed} {bits} {row}: {results[(row, bits)][-1]:.2f}", flush=True)
     runs = len(seeds) * len(bits_list)

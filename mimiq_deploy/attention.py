@@ -66,3 +66,11 @@ def capture_attention(model: nn.Module) -> nn.Module:
 def attention_modules(model: nn.Module) -> list[ExplicitAttention]:
     """The captured attention blocks in network order."""
     return [m for m in model.modules() if isinstance(m, ExplicitAttention)]
+
+
+def token_importance(maps: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, P) how much attention each patch token gets, from attention maps (B, H, N, N):
+    the CLS query's attention averaged over heads; without a CLS token, the attention a
+    token receives on average. MaskAQ ranks informative patches by it."""
+    attn = maps[:, :, :, prefix:]
+    return (attn[:, :, 0] if prefix else attn.mean(2)).mean(1)

@@ -101,8 +101,12 @@ def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
 @click.option("--noise-only", is_flag=True, help="Plain Gaussian noise, no optimization (ablation).")
 @click.option("--patch-entropy", type=float, default=None,
               help="MaskAQ option: weight of the patch-similarity entropy bonus (0: off).")
+@click.option("--mask-align", type=float, default=None,
+              help="MaskAQ option: weight of masked attention alignment with --align-student (0: off).")
+@click.option("--align-student", type=click.Path(path_type=Path), default=None,
+              help="student.pt to align with (a PTQ student: `mimiq-deploy finetune --epochs 0`).")
 def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only,
-               patch_entropy):
+               patch_entropy, mask_align, align_student):
     """MimiQ synthetic calibration images (resumable, shards split across torchrun ranks)."""
     from .models import load_model
     from .recipes import resolve_recipe_path
@@ -111,8 +115,15 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
     r = load_synthesis_recipe(resolve_recipe_path(recipe, model_name),
                               dict(num_images=num_images, batch_size=batch_size, steps=steps, seed=seed,
                                    ihc=False if no_ihc else None, noise_only=True if noise_only else None,
-                                   patch_entropy=patch_entropy))
-    manifest = run(load_model(model_name, checkpoint), model_name, run_dir, r)
+                                   patch_entropy=patch_entropy, mask_align=mask_align))
+    student = tag = None
+    if align_student is not None:
+        from .finetune import load_student
+        student = load_student(align_student)
+        if student.model_name != model_name:
+            raise MimiqError(f"{align_student} is a student of {student.model_name!r}, not of {model_name!r}")
+        tag = f"{student.quant_config.name} student {Path(align_student).resolve()}"
+    manifest = run(load_model(model_name, checkpoint), model_name, run_dir, r, student=student, student_tag=tag)
     losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest["final_losses"].items())
     click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
 
@@ -131,10 +142,14 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
 @click.option("--gamma", type=float, default=None, help="L_HAD weight.")
 @click.option("--no-had", is_flag=True, help="KL only (ablation).")
 @click.option("--had-token-weight", is_flag=True, help="MaskAQ option: weigh tokens in L_HAD by the teacher's CLS attention.")
+@click.option("--refresh-every", type=int, default=None,
+              help="MaskAQ option: every K epochs, synthesize part of the set anew against the current student, "
+                   "as the set was made (0: off).")
+@click.option("--refresh-fraction", type=float, default=None, help="Share of the set renewed per refresh.")
 @click.option("--seed", type=int, default=None)
 @recipe_option
 def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had, had_token_weight,
-             seed, recipe):
+             refresh_every, refresh_fraction, seed, recipe):
     """Head-distilled QAT of the fake-quant student (resumes after an interruption)."""
     from .finetune import finetune as run, load_finetune_recipe
     from .models import load_model
@@ -144,7 +159,8 @@ def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size,
     cfg = parse_bits(bits)
     r = load_finetune_recipe(resolve_recipe_path(recipe, model_name),
                              dict(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, seed=seed,
-                                  had=False if no_had else None, had_token_weight=True if had_token_weight else None))
+                                  had=False if no_had else None, had_token_weight=True if had_token_weight else None,
+                                  refresh_every=refresh_every, refresh_fraction=refresh_fraction))
     out_dir = out_dir or run_dir
     if out_dir != run_dir:
         _link_synthetic(run_dir, out_dir)

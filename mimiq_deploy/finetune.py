@@ -4,6 +4,8 @@ loss = KL(teacher || student) at temperature T (times T^2) + gamma * L_HAD, wher
 compares each head's output softmax(QK^T)V of teacher and student (CLS dropped) with SSIM
 without the luminance term, statistics over tokens per channel: 1 - mean SSIM.
 SGD nesterov, step lr decay, SimCLR-style augmentation (DESIGN.md §3).
+MaskAQ's periodic refresh (option): every K epochs a share of the synthetic set is
+synthesized anew against the current student, sharded and resumable like the first set.
 """
 import copy
 import dataclasses
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from .attention import attention_modules
+from .attention import attention_modules, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError, atomic_torch_save, atomic_write_json
@@ -41,6 +43,8 @@ class FinetuneRecipe:
     learn_weight_scales: bool = True  # False: weight step sizes stay at their MSE calibration
     augment: bool = True         # SimCLR-style augmentation of synthetic batches
     calib_images: int = 512      # images for the step-size calibration pass
+    refresh_every: int = 0       # MaskAQ option: renew synthetic images against the current student every K epochs (0: off)
+    refresh_fraction: float = 1.0  # share of the set renewed per refresh (successive refreshes rotate through the set)
     seed: int = 0
 
 
@@ -53,6 +57,9 @@ def load_finetune_recipe(path: str | Path | None, overrides: dict) -> FinetuneRe
     recipe = dataclass_from(FinetuneRecipe, values, f"recipe {path or '(defaults)'} [finetune]")
     if recipe.epochs < 0 or recipe.batch_size <= 0:
         raise MimiqError(f"--epochs must be >= 0 and batch size > 0 (got {recipe.epochs}, {recipe.batch_size})")
+    if recipe.refresh_every < 0 or not 0 < recipe.refresh_fraction <= 1:
+        raise MimiqError(f"refresh_every must be >= 0 and refresh_fraction in (0, 1] "
+                         f"(got {recipe.refresh_every}, {recipe.refresh_fraction})")
     return recipe
 
 
@@ -110,8 +117,7 @@ def had_loss(teacher_heads, student_heads, prefix: int, teacher_maps=None) -> to
     for i, (t, s) in enumerate(zip(teacher_heads, student_heads)):
         weights = None
         if teacher_maps is not None:
-            attn = teacher_maps[i][:, :, :, prefix:]                      # (B, H, N, P)
-            w = (attn[:, :, 0] if prefix else attn.mean(2)).mean(1)       # (B, P)
+            w = token_importance(teacher_maps[i], prefix)                # (B, P)
             weights = (w / w.sum(1, keepdim=True)).view(w.shape[0], 1, -1, 1)
         sims.append(global_ssim(t[:, :, prefix:].detach(), s[:, :, prefix:], dim=2, luminance=False,
                                 weights=weights).mean())
@@ -128,6 +134,45 @@ def build_student(teacher, cfg: QuantConfig):
     return quantize_model(copy.deepcopy(teacher), cfg)
 
 
+def ptq_student(teacher, cfg: QuantConfig, images: torch.Tensor):
+    """The student calibrated on `images`, not fine-tuned (what MaskAQ's first synthesis aligns with)."""
+    student = build_student(teacher, cfg)
+    calibrate(student, images.to(next(teacher.parameters()).device))
+    return student
+
+
+def refresh_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / f"refresh-{epoch:04d}"
+
+
+def refresh_points(recipe: FinetuneRecipe) -> list[int]:
+    """Epoch counts after which the set is refreshed (never after the last epoch)."""
+    k = recipe.refresh_every
+    return list(range(k, recipe.epochs, k)) if k else []
+
+
+def refreshed_images(images: torch.Tensor, run_dir: Path, points: list[int]) -> torch.Tensor:
+    """The training set after the refreshes at `points`: the i-th refresh's images replace the
+    next slice of the set (wrapping around), so successive refreshes rotate through it."""
+    from .synthesize import load_synthetic
+
+    images = images.clone()
+    for i, epoch in enumerate(points):
+        new = load_synthetic(refresh_dir(run_dir, epoch))[0]
+        images[(i * len(new) + torch.arange(len(new))) % len(images)] = new
+    return images
+
+
+def refresh(teacher, student, model_name: str, run_dir: Path, epoch: int, count: int, synth_recipe, cfg: QuantConfig,
+            progress: bool) -> None:
+    """Synthesize `count` new images against the student after `epoch` epochs (resumable)."""
+    from .synthesize import synthesize
+
+    recipe = dataclasses.replace(synth_recipe, num_images=count, seed=synth_recipe.seed + 10_000 * epoch)
+    synthesize(teacher, model_name, refresh_dir(run_dir, epoch), recipe, progress,
+               student=student, student_tag=f"{cfg.name} student after epoch {epoch}")
+
+
 def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
     atomic_torch_save({"format": "mimiq-student-v1", "model_name": model_name,
                        "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
@@ -136,15 +181,18 @@ def save_student(path: Path, student, model_name: str, checkpoint: str | None, c
 
 
 def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cfg: QuantConfig,
-             recipe: FinetuneRecipe, progress: bool = True) -> dict:
+             recipe: FinetuneRecipe, progress: bool = True, synth_recipe=None) -> dict:
     """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt.
 
     Resumable: run_dir/finetune_state.pt holds the state after each epoch.
+    synth_recipe: how refreshes synthesize (recipe.refresh_every > 0); default: as the set was made.
     """
-    from .synthesize import load_synthetic
+    from .synthesize import SynthesisRecipe, load_synthetic
 
     run_dir = Path(run_dir)
     images, _, manifest = load_synthetic(run_dir)
+    if recipe.refresh_every and synth_recipe is None:
+        synth_recipe = SynthesisRecipe(**with_defaults(SynthesisRecipe, manifest["recipe"]))
     if manifest.get("model") != model_name:
         raise MimiqError(f"{run_dir} holds images of {manifest.get('model')!r}, not {model_name!r}")
     rank, world = init_from_env()
@@ -184,15 +232,28 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    data = TensorDataset(images)
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
+    points = refresh_points(recipe)
+    refresh_count = max(1, round(recipe.refresh_fraction * len(images)))
+    initial_images = images
+    images = refreshed_images(initial_images, run_dir, [p for p in points if p < start_epoch])
     gen = torch.Generator().manual_seed(recipe.seed)
     augment = SimCLRAugment(manifest["mean"], manifest["std"], tuple(manifest["input_size"][1:])) if recipe.augment else None
-    t_rec, s_rec = HeadOutputRecorder(teacher, maps=recipe.had_token_weight), HeadOutputRecorder(student)
     prefix = teacher.num_prefix_tokens
+    t_rec = s_rec = None
     try:
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.time()
+            refresh_s = 0.0
+            if epoch in points:
+                if rank == 0:
+                    tqdm.write(f"refreshing {refresh_count} synthetic images against the student after epoch {epoch}")
+                refresh(teacher, student, model_name, run_dir, epoch, refresh_count, synth_recipe, cfg, progress)
+                images = refreshed_images(initial_images, run_dir, [p for p in points if p <= epoch])
+                refresh_s = time.time() - t0
+            # recorders live only while training: synthesis forwards must not feed them
+            t_rec, s_rec = HeadOutputRecorder(teacher, maps=recipe.had_token_weight), HeadOutputRecorder(student)
+            data = TensorDataset(images)
+            sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
             if sampler:
                 sampler.set_epoch(epoch)
             gen.manual_seed(recipe.seed * 1000 + epoch)  # the epoch's order does not depend on a resume
@@ -225,10 +286,12 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
                 sums["loss"] += loss.item()
                 sums["kl"] += kl.item()
                 bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
+            t_rec.remove(), s_rec.remove()
             sched.step()
             seconds += time.time() - t0
             n = max(1, len(loader))
-            history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"]})
+            history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+                            **({"refresh_s": refresh_s} if refresh_s else {})})
             if rank == 0:
                 tqdm.write(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]['loss']:.4f} "
                            f"kl {history[-1]['kl']:.4f} had {history[-1]['had']:.4f} ({seconds / 60:.1f} min)")
@@ -237,8 +300,10 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
                                    "epoch": epoch + 1, "history": history, "seconds": seconds}, state_path)
             barrier()
     finally:
-        t_rec.remove(), s_rec.remove()
+        if t_rec:
+            t_rec.remove(), s_rec.remove()
     meta = {"recipe": dataclasses.asdict(recipe), "history": history, "train_minutes": seconds / 60,
+            "refresh_minutes": sum(h.get("refresh_s", 0.0) for h in history) / 60,
             "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
     if rank == 0:
         save_student(run_dir / STUDENT_FILE, student.cpu(), model_name, checkpoint, cfg, meta)

@@ -2,6 +2,8 @@
 
 Each stage is skipped when its outputs in the run directory are complete, so an interrupted
 run picks up where it stopped (synthesis and fine-tuning also resume inside the stage).
+With MaskAQ's masked attention alignment in the recipe, a MimiQ set (run_dir/prior) comes
+first: the PTQ student calibrated on it is the one the calibration set is aligned with.
 """
 import dataclasses
 import json
@@ -38,11 +40,11 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     from .build import build
     from .export import export_student, load_export_config
     from .config import with_defaults
-    from .finetune import FinetuneRecipe, finetune, load_finetune_recipe, load_student
+    from .finetune import FinetuneRecipe, finetune, load_finetune_recipe, load_student, ptq_student
     from .models import load_model
     from .quant import parse_bits
     from .report import write_report
-    from .synthesize import is_complete, load_synthesis_recipe, synthesize
+    from .synthesize import is_complete, load_synthesis_recipe, load_synthetic, synthesize
     from .verify import verify
 
     cfg = parse_bits(bits)
@@ -64,11 +66,22 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "timings.json", timings)
 
-    stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
+    if synth_recipe.mask_align:
+        prior = run_dir / "prior"
+        stage("synthesize prior", is_complete(prior),
+              lambda: synthesize(teacher, model_name, prior, dataclasses.replace(synth_recipe, mask_align=0.0)))
+
+        def aligned():
+            student = ptq_student(teacher, cfg, load_synthetic(prior)[0][:ft_recipe.calib_images])
+            synthesize(teacher, model_name, run_dir, synth_recipe, student=student, student_tag=f"{cfg.name} PTQ on prior")
+        stage("synthesize", is_complete(run_dir), aligned)
+    else:
+        stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
     ft = _json(run_dir / "finetune.json")
     ft_done = (run_dir / "student.pt").exists() and ft is not None and ft.get("bits") == cfg.name \
         and with_defaults(FinetuneRecipe, ft.get("recipe", {})) == dataclasses.asdict(ft_recipe)
-    stage("finetune", ft_done, lambda: finetune(teacher, model_name, checkpoint, run_dir, cfg, ft_recipe))
+    stage("finetune", ft_done, lambda: finetune(teacher, model_name, checkpoint, run_dir, cfg, ft_recipe,
+                                                synth_recipe=synth_recipe))
     exp = _json(run_dir / "export" / "export.json")
     stage("export", exp is not None and exp.get("bits") == cfg.name and exp.get("config") == dataclasses.asdict(export_cfg),
           lambda: export_student(load_student(run_dir / "student.pt"), run_dir, export_cfg, progress=echo))

@@ -1,7 +1,9 @@
 """`mimiq-deploy synthesize`: MimiQ data-free calibration images.
 
 Gaussian noise in the model's normalized input space is optimized with
-L_G = L_IHC + alpha*CE + beta*TV (DESIGN.md §3). Every batch is one shard with its own seed,
+L_G = L_IHC + alpha*CE + beta*TV (DESIGN.md §3). MaskAQ's options add a patch-similarity
+entropy bonus and, with a quantized student in the loop, masked attention alignment on the
+teacher's informative patches. Every batch is one shard with its own seed,
 so shards are independent: an interrupted run only redoes missing shards, ranks under
 torchrun split the shards, and the result does not depend on either.
 """
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .attention import attention_modules
+from .attention import attention_modules, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError, atomic_torch_save, atomic_write_json
@@ -41,6 +43,10 @@ class SynthesisRecipe:
     color_shift: float = 0.1    # std of a per-image, per-channel offset (normalized units)
     noise: float = 0.05         # std of per-pixel noise added each step
     patch_entropy: float = 0.0  # MaskAQ option: weight of the patch-similarity entropy bonus (0: off)
+    mask_align: float = 0.0     # MaskAQ option: weight of masked attention alignment with a quantized student (0: off)
+    keep_start: float = 0.5     # share of patches kept as informative at the first step ...
+    keep_end: float = 0.1       # ... decaying linearly to this share at the last step (MaskAQ's 0.5 -> 0.1)
+    keep_drop: float = 0.1      # random share of the selected patches dropped at each step
     seed: int = 0
 
 
@@ -59,6 +65,8 @@ def load_synthesis_recipe(path: str | Path | None, overrides: dict) -> Synthesis
         raise MimiqError(f"--num-images and --batch-size must be positive (got {recipe.num_images}, {recipe.batch_size})")
     if recipe.steps < 0:
         raise MimiqError(f"--steps must be >= 0 (got {recipe.steps})")
+    if not (0 < recipe.keep_end <= 1 and 0 < recipe.keep_start <= 1 and 0 <= recipe.keep_drop < 1):
+        raise MimiqError("keep_start and keep_end must lie in (0, 1], keep_drop in [0, 1)")
     return recipe
 
 
@@ -106,6 +114,28 @@ def patch_similarity_entropy(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     return 0.5 * torch.log(2 * math.pi * math.e * off_diagonal.var(1) + 1e-12)
 
 
+def informative_patches(importance: torch.Tensor, keep: float, drop: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, P) bool: per image the `keep` share of patches with the highest importance, less a
+    random `drop` share of them (MaskAQ); the top patch always stays."""
+    b, p = importance.shape
+    order = importance.argsort(1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p, device=order.device).expand(b, p))
+    kept = rank < max(1, round(keep * p))
+    dropped = (torch.rand((b, p), generator=gen) < drop).to(kept.device)
+    return kept & (~dropped | (rank == 0))
+
+
+def masked_attention_alignment(teacher_logits: list, student_logits: list, mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Mean L1 distance between teacher's and student's attention rows (softmax over all keys)
+    of the informative patches (mask, (B, P)), over layers and heads."""
+    rows = mask.to(teacher_logits[0].dtype)[:, None]                     # (B, 1, P)
+    dists = []
+    for t, s in zip(teacher_logits, student_logits):
+        diff = (t.softmax(-1) - s.softmax(-1)).abs().sum(-1)[:, :, prefix:]  # (B, H, P)
+        dists.append((diff * rows).sum() / (rows.sum() * diff.shape[1]))
+    return torch.stack(dists).mean()
+
+
 def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid range of normalized pixels: (0 - mean)/std .. (1 - mean)/std per channel."""
     mean = torch.tensor(data_cfg["mean"], device=device).view(1, -1, 1, 1)
@@ -113,9 +143,11 @@ def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (0 - mean) / std, (1 - mean) / std
 
 
-def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None) -> dict:
+def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None,
+                     student=None) -> dict:
     """One shard: `batch_size` images optimized from noise with the shard's own seed.
 
+    student: the fake-quant student for masked attention alignment (recipe.mask_align > 0).
     on_step(losses) is called after every optimization step (progress display)."""
     gen = torch.Generator(device="cpu").manual_seed(recipe.seed * 1_000_003 + shard)
     n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
@@ -132,13 +164,14 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     opt = torch.optim.AdamW([x], lr=recipe.lr, betas=(0.9, 0.999), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.steps, eta_min=recipe.lr_min)
     recorder = AttentionRecorder(model)
+    student_recorder = AttentionRecorder(student) if recipe.mask_align else None
     last_tokens = []
     if recipe.patch_entropy:
         if not hasattr(model, "blocks"):
             raise MimiqError("patch_entropy needs a ViT with `blocks` (timm VisionTransformer)")
         recorder.handles.append(model.blocks[-1].register_forward_hook(lambda _m, _i, out: last_tokens.append(out)))
     try:
-        for _ in range(recipe.steps):
+        for step in range(recipe.steps):
             dy, dx = torch.randint(-recipe.jitter, recipe.jitter + 1, (2,), generator=gen).tolist()
             xa = torch.roll(x, (dy, dx), (2, 3))
             if recipe.flip and torch.rand(1, generator=gen).item() < 0.5:
@@ -159,6 +192,18 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
                 entropy = patch_similarity_entropy(last_tokens[-1], model.num_prefix_tokens).mean()
                 loss = loss - recipe.patch_entropy * entropy
                 losses["entropy"] = entropy.item()
+            if recipe.mask_align:
+                student_recorder.clear()
+                student(xa)
+                keep = recipe.keep_start + (recipe.keep_end - recipe.keep_start) * step / max(1, recipe.steps - 1)
+                with torch.no_grad():
+                    importance = torch.stack([token_importance(l.softmax(-1), model.num_prefix_tokens)
+                                              for l in recorder.logits]).mean(0)
+                mask = informative_patches(importance, keep, recipe.keep_drop, gen)
+                align = masked_attention_alignment(recorder.logits, student_recorder.logits, mask,
+                                                   model.num_prefix_tokens)
+                loss = loss + recipe.mask_align * align
+                losses["align"] = align.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -170,9 +215,13 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
                 on_step(losses)
     finally:
         recorder.remove()
+        if student_recorder:
+            student_recorder.remove()
     stored = x.detach().half()
     with torch.no_grad():  # judged on the stored (fp16) images, as fine-tuning will see them
         losses["teacher_top1"] = 100.0 * (model(stored.float()).argmax(-1) == labels).float().mean().item()
+        if student is not None:
+            losses["student_top1"] = 100.0 * (student(stored.float()).argmax(-1) == labels).float().mean().item()
     return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses}
 
 
@@ -195,25 +244,41 @@ def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
         if old_recipe != header["recipe"]:
             changed = sorted(k for k in header["recipe"] if old_recipe.get(k) != header["recipe"][k])
             raise MimiqError(f"{run_dir} holds shards made with another recipe (differs in {changed}): use another --out")
+        if old.get("student") != header["student"]:
+            raise MimiqError(f"{run_dir} holds shards aligned with another student ({old.get('student')}): use another --out")
         return
     if rank == 0:
         atomic_write_json(path, header)
 
 
-def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, progress: bool = True) -> dict:
-    """Write all missing shards of the synthetic set into run_dir/synth; returns the manifest."""
+def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, progress: bool = True,
+               student=None, student_tag: str | None = None) -> dict:
+    """Write all missing shards of the synthetic set into run_dir/synth; returns the manifest.
+
+    student (with student_tag, its description in the manifest): the fake-quant student that
+    masked attention alignment needs; its parameters are left as they were."""
     from .models import data_config
 
+    if recipe.mask_align and student is None:
+        raise MimiqError("mask_align needs the quantized student in the loop: pass --align-student STUDENT.pt "
+                         "(a PTQ student: `mimiq-deploy finetune --epochs 0`)")
     rank, world = init_from_env()
     device = device_for_rank(rank)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    trainable = []
+    if recipe.mask_align:
+        student_mode = student.training
+        student.to(device).eval()
+        trainable = [p for p in student.parameters() if p.requires_grad]
+    else:
+        student = None
     data_cfg = data_config(model)
     num_shards = math.ceil(recipe.num_images / recipe.batch_size)
     header = {"model": model_name, "recipe": dataclasses.asdict(recipe), "num_shards": num_shards,
               "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
-              "num_classes": model.num_classes, "kind": _kind(recipe)}
+              "num_classes": model.num_classes, "kind": _kind(recipe), "student": student_tag if student else None}
     _check_or_write_manifest(run_dir, header, rank)
     barrier()
     mine = [s for s in range(rank, num_shards, world) if not shard_path(run_dir, s).exists()]
@@ -223,17 +288,25 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
     bar = tqdm(total=len(mine) * steps, unit="step", disable=not progress or rank != 0 and world > 1,
                desc=f"synthesize{f' rank {rank}' if world > 1 else ''}")
     t0, work = time.time(), 0
-    for shard in mine:
-        def on_step(losses):
-            bar.update(1)
-            bar.set_postfix(images=f"{done_images}/{recipe.num_images}",
-                            **{k: f"{v:.3g}" for k, v in losses.items() if k != "total"}, refresh=False)
-        out = synthesize_batch(model, recipe, data_cfg, shard, device, on_step)
-        if recipe.noise_only or recipe.steps == 0:
-            bar.update(1)
-        atomic_torch_save({**out, "shard": shard}, shard_path(run_dir, shard))
-        done_images += len(out["labels"])
-        work += len(out["labels"]) * steps
+    for p in trainable:  # the student's gradients are not wanted here, only the images'
+        p.requires_grad_(False)
+    try:
+        for shard in mine:
+            def on_step(losses):
+                bar.update(1)
+                bar.set_postfix(images=f"{done_images}/{recipe.num_images}",
+                                **{k: f"{v:.3g}" for k, v in losses.items() if k != "total"}, refresh=False)
+            out = synthesize_batch(model, recipe, data_cfg, shard, device, on_step, student)
+            if recipe.noise_only or recipe.steps == 0:
+                bar.update(1)
+            atomic_torch_save({**out, "shard": shard}, shard_path(run_dir, shard))
+            done_images += len(out["labels"])
+            work += len(out["labels"]) * steps
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        if student is not None:
+            student.train(student_mode)
     bar.close()
     elapsed = time.time() - t0
     barrier()
@@ -242,7 +315,8 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
 
 
 def _kind(recipe: SynthesisRecipe) -> str:
-    return "noise" if recipe.noise_only else "mimiq" if recipe.ihc else "base"
+    base = "noise" if recipe.noise_only else "mimiq" if recipe.ihc else "base"
+    return base + "+maskaq" if recipe.mask_align and not recipe.noise_only else base
 
 
 def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
@@ -252,7 +326,7 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
     n = sum(len(s["labels"]) for s in shards)
     stats = {}
-    for key in ("ihc", "entropy", "ce", "tv", "teacher_top1"):
+    for key in ("ihc", "entropy", "align", "ce", "tv", "teacher_top1", "student_top1"):
         vals = [(s["losses"][key], len(s["labels"])) for s in shards if key in s["losses"]]
         if vals:
             stats[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)

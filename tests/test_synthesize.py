@@ -117,7 +117,9 @@ def test_patch_entropy_term(teacher, tmp_path):
 def test_runs_from_before_an_option_existed_still_resume(teacher, tmp_path):
     synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)
     manifest = json.loads(manifest_path(tmp_path).read_text())
-    del manifest["recipe"]["patch_entropy"]  # as written before the option was added
+    for key in ("patch_entropy", "mask_align", "keep_start", "keep_end", "keep_drop"):
+        del manifest["recipe"][key]  # as written before the MaskAQ options were added
+    del manifest["student"]
     manifest_path(tmp_path).write_text(json.dumps(manifest))
     shard_path(tmp_path, 2).unlink()
     assert synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)["complete"]
