@@ -18,3 +18,10 @@ def run_cli(*args, env=None, timeout=600):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The embedded fmnist-vit teacher, loaded once per test module."""
+    from mimiq_deploy.models import load_model
+    return load_model("fmnist-vit")

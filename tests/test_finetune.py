@@ -9,16 +9,10 @@ import torch
 
 import mimiq_deploy.finetune as ft
 from mimiq_deploy.finetune import FinetuneRecipe, finetune, had_loss, load_student
-from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits, quant_modules
 from mimiq_deploy.synthesize import SynthesisRecipe, synthesize
 
 TINY_FT = dict(epochs=2, batch_size=8, calib_images=16, milestones=[1])
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_model("fmnist-vit")
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,12 @@ import mimiq_deploy.finetune as ft
 import mimiq_deploy.synthesize as sy
 from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.finetune import FinetuneRecipe, finetune, load_student, ptq_student, refreshed_images
-from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
 from mimiq_deploy.synthesize import (AttentionRecorder, SynthesisRecipe, informative_patches, load_synthetic,
                                      masked_attention_alignment, synthesize)
 
 SET = dict(num_images=16, batch_size=8, steps=2, jitter=0)
 ALIGNED = dict(SET, mask_align=1.0, patch_entropy=0.1)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_model("fmnist-vit")
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from mimiq_deploy.errors import MimiqError
-from mimiq_deploy.models import load_model
 from mimiq_deploy.similarity import global_ssim, head_pair_ssim
 from mimiq_deploy.synthesize import (SynthesisRecipe, load_synthesis_recipe, load_synthetic, manifest_path,
                                      shard_path, synthesize)
 
 TINY = dict(num_images=10, batch_size=4, steps=3, jitter=2)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_model("fmnist-vit")
 
 
 def _shards(run_dir):
