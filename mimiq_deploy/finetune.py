@@ -33,6 +33,7 @@ class FinetuneRecipe:
     epochs: int = 200
     batch_size: int = 16
     lr: float = 1e-3
+    scale_lr: float = 0.0        # learning rate of the quantizers' step sizes (0: same as lr)
     momentum: float = 0.9
     milestones: list = dataclasses.field(default_factory=lambda: [50, 100])
     lr_decay: float = 0.1
@@ -176,7 +177,7 @@ def refresh(teacher, student, model_name: str, run_dir: Path, epoch: int, count:
 def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
     atomic_torch_save({"format": "mimiq-student-v1", "model_name": model_name,
                        "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-                       "bits": cfg.name, "state_dict": student.state_dict(),
+                       "bits": cfg.name, "input_bits": cfg.input_bits, "state_dict": student.state_dict(),
                        "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
 
 
@@ -206,12 +207,18 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
 
     state_path = run_dir / STATE_FILE
     signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
+    if cfg.act_bits < cfg.input_bits:  # states from before the 8-bit image input are not resumed into it
+        signature["input_bits"] = cfg.input_bits
     if not recipe.learn_weight_scales:
         for name, p in student.named_parameters():
             if name.endswith("weight_quant.scale"):
                 p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    if recipe.scale_lr:  # LSQ practice: step sizes on their own learning rate
+        is_scale = {id(p) for n, p in student.named_parameters() if n.endswith("_quant.scale")}
+        groups = [{"params": [p for p in groups[0]["params"] if id(p) not in is_scale]},
+                  {"params": [p for p in groups[0]["params"] if id(p) in is_scale], "lr": recipe.scale_lr}]
+    opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
     quantizers = list(quant_modules(student).values())
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
     start_epoch, history, seconds = 0, [], 0.0
@@ -321,7 +328,10 @@ def load_student(path: Path):
     if ckpt.get("format") != "mimiq-student-v1":
         raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
     teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"])
-    student = build_student(teacher, parse_bits(ckpt["bits"]))
+    cfg = parse_bits(ckpt["bits"])
+    # students written before input_bits existed quantized the image at the activation width
+    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits))
+    student = build_student(teacher, cfg)
     state = dict(ckpt["state_dict"])
     for name, value in student.state_dict().items():
         if name.endswith("scale_floor"):  # only used in training; absent from older checkpoints

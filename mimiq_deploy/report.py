@@ -1,5 +1,6 @@
 """The run report: report.json (every figure of every stage, versions, device, recipe) and
 report.md (the same as tables, with plots), plus the summary table printed at the end."""
+import copy
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import torch
 
 from .evaluate import eval_dataset, evaluate
 from .errors import atomic_write_json, atomic_write_text
+from .quant import QuantConfig, collect_activations, quantize_model
 
 
 def _version(package: str) -> str:
@@ -51,11 +53,13 @@ def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: 
     report = _load(run_dir / "report.json") or {}
     if report.get("teacher", {}).get("dataset") != dataset_name:
         report["teacher"] = {"dataset": dataset_name, **evaluate(teacher, dataset, progress=False)}
-    images, _, manifest = load_synthetic(run_dir)
-    real = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])
+    images, labels, manifest = load_synthetic(run_dir)
+    real_pairs = [dataset[i] for i in range(min(256, len(dataset)))]
+    real = torch.stack([x for x, _ in real_pairs])
     report["inter_head_similarity"] = {"synthetic": mean_inter_head_similarity(teacher, images[:256]),
                                        "real": mean_inter_head_similarity(teacher, real),
                                        "synthetic_kind": manifest["kind"], "n": 256}
+    report["activation_ranges"] = activation_ranges(teacher, images[:256], real)
     report.update(model=model_name, recipe=str(recipe_path) if recipe_path else None,
                   pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in teacher.pretrained_cfg.items()
                                   if isinstance(v, (str, int, float, list, tuple, type(None)))},
@@ -65,8 +69,22 @@ def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: 
                   stage_seconds=timings, **environment())
     atomic_write_json(run_dir / "report.json", report)
     plots = _plots(run_dir, report)
+    plots.append(_image_grid(run_dir, images, labels, real, torch.tensor([int(y) for _, y in real_pairs]), manifest))
     atomic_write_text(run_dir / "report.md", render_markdown(report, plots))
     return report
+
+
+def activation_ranges(teacher, synthetic: torch.Tensor, real: torch.Tensor) -> dict:
+    """99.9th percentile of |x| at every activation quantizer's input, on synthetic and on real images:
+    what calibration sees (a set whose ranges stray far from the real ones gives the wrong step sizes)."""
+    probe = quantize_model(copy.deepcopy(teacher), QuantConfig())
+    out = {"percentile": 99.9, "names": [], "synthetic": [], "real": []}
+    syn, ref = collect_activations(probe, synthetic), collect_activations(probe, real)
+    for name in ref:
+        out["names"].append(name)
+        for key, acts in (("synthetic", syn), ("real", ref)):
+            out[key].append(torch.quantile(acts[name].abs().double(), 0.999).item())
+    return out
 
 
 def summary_rows(report: dict) -> list[tuple]:
@@ -122,6 +140,30 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
         ax.set_ylabel("p50 latency (ms)"); ax.set_yscale("log"); ax.legend()
         _save_png(fig, run_dir / "latency.png")
         made.append("latency.png")
+    ranges = report["activation_ranges"]
+    fig, ax = plt.subplots(figsize=(9, 3))
+    for key, color in (("synthetic", "tab:orange"), ("real", "tab:green")):
+        ax.plot(ranges[key], marker=".", color=color, label=key)
+    ax.set_xticks(range(len(ranges["names"])), [n.replace("blocks.", "b").replace("_quant", "") for n in ranges["names"]],
+                  rotation=90, fontsize=5)
+    ax.set_ylabel("p99.9 |x|"); ax.set_yscale("log"); ax.legend()
+    ax.set_title("input range of each activation quantizer")
+    _save_png(fig, run_dir / "activation_ranges.png")
+    made.append("activation_ranges.png")
+    curve, history = report["synthesize"].get("loss_curve"), (report.get("finetune") or {}).get("history")
+    if curve or history:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        for key in [k for k in (curve or {}) if k not in ("step", "total", "tv", "teacher_top1", "student_top1")]:
+            axes[0].plot(curve["step"], curve[key], label=key)
+        axes[0].set_xlabel("synthesis step"); axes[0].set_title("synthesis losses (mean over shards)")
+        for key in ("kl", "had"):
+            if history and any(h.get(key) for h in history):
+                axes[1].plot([h["epoch"] for h in history], [h[key] for h in history], marker=".", label=key)
+        axes[1].set_xlabel("fine-tuning epoch"); axes[1].set_title("fine-tuning losses (epoch means)")
+        for ax in axes:
+            ax.legend()
+        _save_png(fig, run_dir / "loss_curves.png")
+        made.append("loss_curves.png")
     sim = report["inter_head_similarity"]
     fig, ax = plt.subplots(figsize=(5, 2.5))
     ax.bar([f"synthetic ({sim['synthetic_kind']})", "real"], [sim["synthetic"], sim["real"]], color=["tab:orange", "tab:green"])
@@ -129,6 +171,32 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
     _save_png(fig, run_dir / "inter_head_similarity.png")
     made.append("inter_head_similarity.png")
     return made
+
+
+def _image_grid(run_dir: Path, images, labels, real, real_labels, manifest: dict, per_class: int = 2) -> str:
+    """Synthetic images beside real ones of the same classes (two rows per class at most 10 classes)."""
+    import matplotlib.pyplot as plt
+
+    mean = torch.tensor(manifest["mean"]).view(-1, 1, 1)
+    std = torch.tensor(manifest["std"]).view(-1, 1, 1)
+    classes = [c for c in sorted(set(labels.tolist())) if (real_labels == c).any()][:10] or sorted(set(labels.tolist()))[:10]
+    fig, axes = plt.subplots(len(classes), 2 * per_class, figsize=(2 * per_class * 0.9, len(classes) * 0.9), squeeze=False)
+    for row, c in enumerate(classes):
+        syn = images[labels == c][:per_class]
+        ref = real[real_labels == c][:per_class]
+        for col in range(2 * per_class):
+            ax = axes[row][col]
+            ax.axis("off")
+            src, i = (syn, col) if col < per_class else (ref, col - per_class)
+            if i < len(src):
+                pixels = (src[i].float() * std + mean).clamp(0, 1)
+                ax.imshow(pixels.permute(1, 2, 0).squeeze(-1), cmap="gray" if pixels.shape[0] == 1 else None,
+                          vmin=0, vmax=1)
+            if row == 0:
+                ax.set_title("synthetic" if col < per_class else "real", fontsize=6)
+        axes[row][0].text(-0.1, 0.5, str(c), transform=axes[row][0].transAxes, ha="right", va="center", fontsize=6)
+    _save_png(fig, run_dir / "synthetic_vs_real.png")
+    return "synthetic_vs_real.png"
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:

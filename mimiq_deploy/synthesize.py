@@ -159,6 +159,8 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     losses = {}
     if recipe.noise_only or recipe.steps == 0:
         return {"images": x.half().cpu(), "labels": labels.cpu(), "losses": losses}
+    curve = {"step": []}  # the losses at about 50 steps, for the report's loss curve
+    every = max(1, recipe.steps // 50)
 
     x.requires_grad_(True)
     opt = torch.optim.AdamW([x], lr=recipe.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -211,6 +213,10 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
             losses.update(ce=ce.item(), tv=tv.item(), total=loss.item())
+            if step % every == 0 or step == recipe.steps - 1:
+                curve["step"].append(step + 1)
+                for k, v in losses.items():
+                    curve.setdefault(k, []).append(v)
             if on_step:
                 on_step(losses)
     finally:
@@ -222,7 +228,7 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
         losses["teacher_top1"] = 100.0 * (model(stored.float()).argmax(-1) == labels).float().mean().item()
         if student is not None:
             losses["student_top1"] = 100.0 * (student(stored.float()).argmax(-1) == labels).float().mean().item()
-    return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses}
+    return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses, "curve": curve}
 
 
 def manifest_path(run_dir: Path) -> Path:
@@ -330,6 +336,10 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
         vals = [(s["losses"][key], len(s["labels"])) for s in shards if key in s["losses"]]
         if vals:
             stats[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    curves = [s["curve"] for s in shards if s.get("curve")]
+    if curves and all(c["step"] == curves[0]["step"] for c in curves):  # mean over shards, step by step
+        keys = [k for k in curves[0] if all(k in c for c in curves)]
+        manifest["loss_curve"] = {k: [sum(v) / len(curves) for v in zip(*(c[k] for c in curves))] for k in keys}
     manifest.update(complete=True, num_images_done=n, final_losses=stats)
     if timing and timing.get("images_steps_per_s"):
         manifest["images_steps_per_s"] = timing["images_steps_per_s"]

@@ -137,3 +137,19 @@ def test_finetune_options_token_weight_and_frozen_weight_scales(teacher, synth_d
     for name, q in quant_modules(student).items():
         if q.axis == 0:  # weight quantizers kept their MSE calibration
             assert torch.equal(q.scale, quant_modules(calibrated)[name].scale), name
+
+
+def test_scale_lr_puts_step_sizes_on_their_own_learning_rate(teacher, synth_dir, tmp_path):
+    """With scale_lr the step sizes move much further than with the weights' rate, the weights alike."""
+    moved = {}
+    for name, scale_lr in (("shared", 0.0), ("own", 1.0)):
+        run = _fresh_run(synth_dir, tmp_path, name)
+        finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a4"),
+                 FinetuneRecipe(**{**TINY_FT, "epochs": 1}, augment=False, scale_lr=scale_lr), progress=False)
+        student, start = load_student(run / "student.pt"), ft.build_student(teacher, parse_bits("w4a4"))
+        q0 = quant_modules(start)["blocks.0.attn.qkv.weight_quant"]
+        q1 = quant_modules(student)["blocks.0.attn.qkv.weight_quant"]
+        moved[name] = (q1.scale - q0.scale).abs().max().item()
+        moved[name + "_w"] = (student.blocks[0].attn.qkv.weight - start.blocks[0].attn.qkv.weight).abs().max().item()
+    assert moved["own"] > 10 * moved["shared"] > 0
+    assert moved["own_w"] == pytest.approx(moved["shared_w"], rel=0.5)

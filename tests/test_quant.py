@@ -92,3 +92,30 @@ def test_learned_step_sizes_stay_above_their_floor():
     q.project_scale()
     assert torch.equal(q.scale.detach(), torch.maximum(torch.tensor([-0.05, 0.0, 1.0]), calibrated * SCALE_FLOOR))
     assert (q.scale > 0).all()
+
+
+def test_image_input_keeps_8_bits_and_older_students_keep_their_width(teacher, tmp_path):
+    from mimiq_deploy.finetune import build_student, load_student, save_student
+
+    student = build_student(teacher, parse_bits("w3a3"))
+    quants = [q for q in student.modules() if isinstance(q, TensorQuantizer) and q.axis is None]
+    assert student.patch_embed.proj[0].input_quant.bits == 8  # the layer that reads the image
+    assert all(q.bits == 3 for q in quants if q is not student.patch_embed.proj[0].input_quant)
+    save_student(tmp_path / "new.pt", student, "fmnist-vit", None, student.quant_config, {})
+    assert load_student(tmp_path / "new.pt").patch_embed.proj[0].input_quant.bits == 8
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=False)
+    del ckpt["input_bits"]  # as written before the 8-bit image input
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_student(tmp_path / "old.pt").patch_embed.proj[0].input_quant.bits == 3
+
+
+def test_activation_step_estimators():
+    from mimiq_deploy.quant.quantizer import activation_step
+
+    x = torch.cat([torch.linspace(-1, 1, 10001), torch.tensor([40.0])])
+    assert torch.isclose(activation_step(x, -4, 3, "minmax"), torch.tensor(40.0 / 3))
+    assert torch.isclose(activation_step(x, -4, 3, "p99"), torch.quantile(x.abs(), 0.99) / 3, rtol=1e-4)
+    mse = activation_step(x, -4, 3, "mse")
+    assert mse < 40.0 / 3 / 4  # one outlier does not set the range
+    with pytest.raises(ValueError):
+        activation_step(x, -4, 3, "median")

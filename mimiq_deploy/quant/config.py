@@ -9,6 +9,11 @@ from ..errors import MimiqError
 class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
+    # The model's input image is 8-bit data: its quantizer (the first layer's input) keeps
+    # max(act_bits, input_bits). At A3 a 3-bit image alone cost the teacher 4.9 points of
+    # validation top-1, and which grey level the background landed on decided the calibration
+    # set's ranking (benchmarks/RESULTS.md, "Low bits").
+    input_bits: int = 8
 
     @property
     def name(self) -> str:

@@ -28,7 +28,7 @@ class QuantMatMul(MatMul):
         return self.a_quant(a) @ self.b_quant(b)
 
 
-def _quantized_copy(module: nn.Module, cfg: QuantConfig) -> nn.Module:
+def _quantized_copy(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
     if isinstance(module, MatMul):
         q = QuantMatMul()
         q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False)
@@ -37,7 +37,7 @@ def _quantized_copy(module: nn.Module, cfg: QuantConfig) -> nn.Module:
     q = QuantLinear.__new__(QuantLinear) if isinstance(module, nn.Linear) else QuantConv2d.__new__(QuantConv2d)
     q.__dict__.update(module.__dict__)  # same parameters and settings, new forward
     q._modules = dict(module._modules)
-    q.input_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+    q.input_quant = TensorQuantizer(max(cfg.act_bits, cfg.input_bits) if is_input_layer else cfg.act_bits, narrow=False)
     q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0])
     q.weight_quant.init_from_weight(module.weight)
     return q
@@ -47,10 +47,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace Linear / Conv2d / MatMul modules of `model` in place by fake-quant twins."""
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) in (nn.Linear, nn.Conv2d, MatMul)]
-    for name, module in targets:
+    for i, (name, module) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized_copy(module, cfg))
+        # the first layer (the patch embedding's first conv) is the one that reads the image
+        setattr(parent, child, _quantized_copy(module, cfg, is_input_layer=i == 0 and isinstance(module, nn.Conv2d)))
     model.quant_config = cfg
     return model
 
@@ -65,8 +66,8 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> None:
-    """Initialize activation step sizes from one float pass over `images` (MSE-optimal clipping)."""
+def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64, method: str = "mse") -> None:
+    """Initialize activation step sizes from one float pass over `images` (`method`: see activation_step)."""
     model.eval()
     activation_quants = [q for q in quant_modules(model).values() if q.axis is None]
     for q in activation_quants:
@@ -74,4 +75,20 @@ def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> N
     for i in range(0, len(images), batch_size):
         model(images[i:i + batch_size])
     for q in activation_quants:
-        q.finish_calibration()
+        q.finish_calibration(method)
+
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Each activation quantizer's float inputs on `images` (the subsample calibration sees); scales untouched."""
+    model.eval()
+    quants = {n: q for n, q in quant_modules(model).items() if q.axis is None}
+    for q in quants.values():
+        q.calibrating = True
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size])
+        return {n: torch.cat(q._samples) for n, q in quants.items() if q._samples}
+    finally:
+        for q in quants.values():
+            q._samples, q.calibrating = [], False

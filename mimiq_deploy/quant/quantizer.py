@@ -27,6 +27,26 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> to
     return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
 
+CALIBRATION_METHODS = ("mse", "minmax", "p99.99", "p99.9", "p99")
+
+
+def activation_step(x: torch.Tensor, qmin: int, qmax: int, method: str = "mse") -> torch.Tensor:
+    """Step size of a per-tensor activation quantizer from samples x.
+
+    mse: the clipping (10 %..100 % of max |x|) that minimizes the tensor's quantization MSE;
+    minmax: no clipping; pNN: clip at that percentile of |x|."""
+    amax = x.abs().max().clamp_min(1e-8)
+    if method == "minmax":
+        return amax / qmax
+    if method.startswith("p"):
+        return torch.quantile(x.abs().double(), float(method[1:]) / 100).float().clamp_min(1e-8) / qmax
+    if method != "mse":
+        raise ValueError(f"unknown calibration method {method!r} (one of {', '.join(CALIBRATION_METHODS)})")
+    candidates = [amax * r / qmax for r in torch.linspace(0.1, 1.0, 46)]
+    errors = [(fake_quant(x, s, qmin, qmax) - x).pow(2).mean() for s in candidates]
+    return candidates[int(torch.stack(errors).argmin())]
+
+
 class _LsqFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax, grad_scale):
@@ -124,17 +144,14 @@ class TensorQuantizer(nn.Module):
         self.scale_floor.copy_(self.scale * SCALE_FLOOR)
 
     @torch.no_grad()
-    def finish_calibration(self) -> None:
-        """Per-tensor step size minimizing the MSE on the collected activations."""
+    def finish_calibration(self, method: str = "mse") -> None:
+        """Per-tensor step size from the collected activations (see CALIBRATION_METHODS)."""
         self.calibrating = False
         if not self._samples:
             return
         x = torch.cat(self._samples)
         self._samples = []
-        amax = x.abs().max().clamp_min(1e-8)
-        candidates = [amax * r / self.qmax for r in torch.linspace(0.1, 1.0, 46)]
-        errors = [(fake_quant(x, s, self.qmin, self.qmax) - x).pow(2).mean() for s in candidates]
-        self.scale.copy_(candidates[int(torch.stack(errors).argmin())].reshape(self.scale.shape))
+        self.scale.copy_(activation_step(x, self.qmin, self.qmax, method).reshape(self.scale.shape))
         self.scale_floor.copy_(self.scale * SCALE_FLOOR)
 
     @torch.no_grad()
