@@ -5,6 +5,7 @@ Fashion-MNIST top-1 of the fake-quant student per bit setting, mean +- std over 
   3 Gaussian noise + KL             4 base synthesis (CE + TV) + KL
   5 MimiQ synthesis + KL            6 MimiQ synthesis + KL + HAD (the full method)
   7 real-data QAT: the fine-tuning of row 6 on as many real training images
+ 12 PTQ calibrated on Gaussian noise  13 PTQ calibrated on as many real training images
   8 row 6 with MaskAQ's patch-similarity entropy term in synthesis
   9 row 6 with MaskAQ's token-weighted L_HAD
  10 row 6 on a MaskAQ set: MimiQ + patch entropy + masked attention alignment with the PTQ
@@ -37,7 +38,8 @@ from mimiq_deploy.teacher import TeacherRecipe, accuracy
 ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base synthesis + KL",
         "5 MimiQ + KL", "6 MimiQ + KL + HAD", "7 real data + KL + HAD",
         "8 MimiQ + patch entropy + KL + HAD", "9 MimiQ + KL + token-weighted HAD",
-        "10 MimiQ + MaskAQ synthesis terms + KL + HAD", "11 full MaskAQ (+ token-weighted HAD, refresh)"]  # 8-11: MaskAQ
+        "10 MimiQ + MaskAQ synthesis terms + KL + HAD", "11 full MaskAQ (+ token-weighted HAD, refresh)",  # 8-11: MaskAQ
+        "12 PTQ on Gaussian noise", "13 PTQ on real images"]  # 12-13: the sceptic's baselines
 PATCH_ENTROPY = 1.0  # rows 8, 10, 11: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
 MASKAQ_SYNTHESIS = {"patch_entropy": PATCH_ENTROPY, "mask_align": 1.0}  # rows 10, 11 (alignment ~0.6 at W4A4 PTQ)
 MASKAQ_REFRESH = {"refresh_every": 4, "refresh_fraction": 0.5}  # row 11: half the set renewed after epoch 4 of 8
@@ -87,7 +89,8 @@ def main():
     ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
     ap.add_argument("--bits", default="w4a4,w4a8,w8a8")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7", help="Row numbers to run (8-11: MaskAQ options).")
+    ap.add_argument("--rows", default="1,12,13,2,3,4,5,6,7",
+                    help="Row numbers to run (8-11: MaskAQ options; 12, 13: PTQ on noise / real images).")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--out", default="runs/benchmark")
     ap.add_argument("--results", default=None, help="Also write the table (and this command) to this Markdown file.")
@@ -98,6 +101,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     bits_list = args.bits.split(",")
     rows = [ROWS[int(i) - 1] for i in args.rows.split(",")]
+    rows = [ROWS[0]] + [r for r in rows if r != ROWS[0]] if ROWS[0] in rows else rows  # the teacher row first
     results = {(row, b): [] for row in rows for b in bits_list}
     seconds = {row: 0.0 for row in rows}
     teacher_top1 = accuracy(teacher, x_eval, y_eval)
@@ -106,7 +110,8 @@ def main():
             (ROWS[3], "base", {"had": False}), (ROWS[4], "mimiq", {"had": False}),
             (ROWS[5], "mimiq", {}), (ROWS[6], "real", {}), (ROWS[7], "entropy", {}),
             (ROWS[8], "mimiq", {"had_token_weight": True}), (ROWS[9], "maskaq", {}),
-            (ROWS[10], "maskaq", {"had_token_weight": True, **MASKAQ_REFRESH})]
+            (ROWS[10], "maskaq", {"had_token_weight": True, **MASKAQ_REFRESH}),
+            (ROWS[11], "noise", {"epochs": 0}), (ROWS[12], "real", {"epochs": 0})]
     plan = [p for p in plan if p[0] in rows]
     kinds = {kind for _, kind, _ in plan}
     if "maskaq" in kinds:

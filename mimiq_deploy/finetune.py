@@ -131,8 +131,13 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
 
 
 def build_student(teacher, cfg: QuantConfig):
-    """A deep copy of the teacher with fake quantizers (weights' step sizes initialized)."""
-    return quantize_model(copy.deepcopy(teacher), cfg)
+    """A deep copy of the teacher with fake quantizers (weights' step sizes initialized), all of it trainable.
+
+    The copy must not inherit the frozen teacher's requires_grad=False: that trained only the step sizes."""
+    student = quantize_model(copy.deepcopy(teacher), cfg)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
 
 
 def ptq_student(teacher, cfg: QuantConfig, images: torch.Tensor):

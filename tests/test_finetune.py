@@ -153,3 +153,16 @@ def test_scale_lr_puts_step_sizes_on_their_own_learning_rate(teacher, synth_dir,
         moved[name + "_w"] = (student.blocks[0].attn.qkv.weight - start.blocks[0].attn.qkv.weight).abs().max().item()
     assert moved["own"] > 10 * moved["shared"] > 0
     assert moved["own_w"] == pytest.approx(moved["shared_w"], rel=0.5)
+
+
+def test_finetune_trains_the_weights_not_only_the_step_sizes(teacher, synth_dir, tmp_path):
+    """The student is a copy of the frozen teacher: every parameter of the copy must train."""
+    run = _fresh_run(synth_dir, tmp_path, "weights")
+    finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a4"), FinetuneRecipe(**{**TINY_FT, "epochs": 1}),
+             progress=False)
+    student = load_student(run / "student.pt")
+    moved = {n: (p - teacher.state_dict()[n]).abs().max().item() for n, p in student.named_parameters()
+             if n in teacher.state_dict()}
+    for name in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "blocks.2.norm1.weight", "head.weight"):
+        assert moved[name] > 0, name
+    assert all(not p.requires_grad for p in teacher.parameters())  # the teacher itself stays frozen
