@@ -34,6 +34,11 @@ def test_quantize_end_to_end_and_rerun(cli, tmp_path):
     assert {r["batch"] for r in report["bench"]["rows"]} == {1, 8}
     md = (run / "report.md").read_text()
     assert "| ort-cpu-w8a8 |" in md and "accuracy.png" in md and (run / "latency.png").exists()
+    for plot in ("synthetic_vs_real.png", "activation_ranges.png", "loss_curves.png"):  # judging the set by eye
+        assert plot in md and (run / plot).stat().st_size > 1000, plot
+    ranges = report["activation_ranges"]
+    assert len(ranges["names"]) == len(ranges["synthetic"]) == len(ranges["real"]) > 40
+    assert len(report["synthesize"]["loss_curve"]["ihc"]) == len(report["synthesize"]["loss_curve"]["step"]) > 1
 
     second = cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
