@@ -76,7 +76,8 @@ def _speedups(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if not r["artifact"].endswith(("fp32", "fp16")):
-            prefix = r["artifact"].rsplit("-", 1)[0]
+            parts = r["artifact"].split("-")
+            prefix = "-".join(parts[:2] if parts[0] == "ort" else parts[:1])  # ort-cpu, ort-cuda, trt
             twin = next((by[(a, r["batch"])] for a, b in by if b == r["batch"] and a.startswith(prefix)
                          and a.endswith(("fp32", "fp16"))), None)
             if twin:

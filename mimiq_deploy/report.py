@@ -143,6 +143,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     for name, r in v.get("artifacts", {}).items():
         out.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['cosine']:.5f} | "
                    f"{r['max_abs_error']:.4f} |")
+    enc = (report.get("build") or {}).get("ort_encoding")
+    if enc:
+        out += ["", f"ONNX Runtime 8-bit encoding chosen by build: **{enc['encoding']}** ({enc['reason']})."]
     out += ["", "## Latency and throughput", "", "| artifact | batch | p50 ms | p90 ms | p99 ms | images/s |",
             "|---|---|---|---|---|---|"]
     out += [f"| {r['artifact']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "

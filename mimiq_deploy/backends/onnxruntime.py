@@ -26,7 +26,8 @@ class OnnxRuntimeBackend:
         ort.InferenceSession(str(onnx_path), so, providers=[provider])
         ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
         integer = {k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
-                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger")}
+                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger",
+                                                           "MatMulNBits")}
         return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
                 ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
 

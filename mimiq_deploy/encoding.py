@@ -1,0 +1,115 @@
+"""The 8-bit encoding of the ONNX Runtime graph, chosen by `build` for the host it runs on.
+
+Export writes a hardware-neutral graph. The symmetric int8 scheme (zero point 0) and uint8 with
+zero point 128 hold exactly the same values; which one is exact *and* fast depends on the CPU:
+- with VNNI (avx512_vnni, avx_vnni, AMX amx_int8) or ARM dot product (asimddp), ORT's u8s8 / s8s8
+  kernels sum products exactly in 32 bits: int8 with zero point 0 is the fast path;
+- x86 without VNNI sums u8s8 products in saturating 16-bit pairs (inexact on int8 activations);
+  its u8u8 kernels do not saturate: uint8 with zero point 128.
+`reencode` rewrites a graph into either encoding, optionally widening INT4 weight codes into 8-bit
+containers (the same values) so that W4A8 runs on the same integer kernels as W8A8.
+"""
+import os
+import platform
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import MimiqError
+
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+ENV_VNNI = "MIMIQ_CPU_VNNI"   # "1" / "0": pretend the host has / lacks VNNI (tests, cross-building)
+ENCODINGS = ("int8", "uint8")
+
+
+def cpu_flags() -> set[str]:
+    """Feature flags of this CPU from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_encoding() -> tuple[str, str]:
+    """(encoding, reason) for ONNX Runtime on this CPU."""
+    forced = os.environ.get(ENV_VNNI)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise MimiqError(f"{ENV_VNNI}={forced!r}: set it to 1 (host has VNNI) or 0 (host lacks it)")
+        has = [f"{ENV_VNNI}={forced}"] if forced == "1" else []
+    else:
+        has = sorted(set(DOT_PRODUCT_FLAGS) & cpu_flags())
+    if has:
+        return "int8", f"CPU has {', '.join(has)}: int8 with zero point 0 runs ORT's exact, fastest u8s8 kernels"
+    why = f"{ENV_VNNI}=0" if forced is not None else f"no {'/'.join(DOT_PRODUCT_FLAGS)} on this {platform.machine()} CPU"
+    return "uint8", (f"{why}: uint8 with zero point 128, since without VNNI ORT's u8s8 kernels sum in saturating "
+                     "16-bit pairs (inexact) and its u8u8 kernels do not")
+
+
+def choose_encoding(requested: str | None, config_value: str | None) -> tuple[str, str]:
+    """A build option, then an explicit `ort_int8` of the export config, then the host decide."""
+    if requested and requested != "auto":
+        return requested, f"{requested} requested at build (--encoding)"
+    if config_value in ENCODINGS:
+        return config_value, f"ort_int8 = \"{config_value}\" in the export config"
+    return host_encoding()
+
+
+def _codes(t: TensorProto) -> np.ndarray:
+    """Signed integer values of an INT8 / UINT8 (zero point 128) / INT4 tensor."""
+    a = numpy_helper.to_array(t).astype(np.int16)
+    return a - 128 if t.data_type == TensorProto.UINT8 else a
+
+
+def _encode(name: str, signed: np.ndarray, encoding: str) -> TensorProto:
+    if encoding == "uint8":
+        return numpy_helper.from_array((signed + 128).astype(np.uint8), name)
+    return numpy_helper.from_array(signed.astype(np.int8), name)
+
+
+def reencode(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
+    """The same graph with every 8-bit tensor in `encoding` (int8 / zero point 0 or uint8 / 128), and INT4
+    weight codes moved into 8-bit containers when asked. Values are unchanged; INT4 activations stay INT4."""
+    if encoding not in ENCODINGS:
+        raise MimiqError(f"unknown 8-bit encoding {encoding!r}: choose {' or '.join(ENCODINGS)}")
+    inits = {t.name: t for t in model.graph.initializer}
+    eight = (TensorProto.INT8, TensorProto.UINT8)
+    todo = {}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is None:
+            raise MimiqError(f"{node.name}: zero point is not a constant, cannot re-encode")
+        weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        blockwise = any(a.name == "block_size" and a.i > 0 for a in node.attribute)  # stays INT4
+        widen = (int4_weights_to_int8 and weight is not None and weight.data_type == TensorProto.INT4
+                 and not blockwise)
+        if zp.data_type in eight or widen:
+            todo[zp.name] = zp
+            if weight is not None:
+                todo[weight.name] = weight
+    for name, t in todo.items():
+        t.CopyFrom(_encode(name, _codes(t), encoding))
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, 21)
+    return model
+
+
+def encoding_of(model: onnx.ModelProto) -> dict:
+    """Counts of Q/DQ zero-point types: what a built graph stores (for reports and tests)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    counts = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            name = TensorProto.DataType.Name(inits[node.input[2]].data_type).lower()
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
