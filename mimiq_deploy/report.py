@@ -154,6 +154,10 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             f"{x['float_over_quantized_p50']:.2f}x"
             for x in b.get("speedups", [])]
     out += [f"- {reason}" for reason in b.get("skipped", {}).values()]
+    if b.get("profiles"):
+        out += ["", "Time by op type (ONNX Runtime profiler, share of kernel time):", ""]
+        out += [f"- {p['artifact']} batch {p['batch']}: " + ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items()
+                                                                  if v >= 0.5) for p in b["profiles"]]
     sim = report["inter_head_similarity"]
     out += ["", "## Synthetic calibration set", "",
             f"{s['num_images_done']} {s['kind']} images; final losses {s.get('final_losses')}; "

@@ -101,3 +101,24 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
                 assert row["agreement"] >= 99.5 and row["cosine"] >= 0.999, (encoding, name, row)
         checked = {n for n, r in report["artifacts"].items() if r["checked"]}
         assert {f"ort-cpu-{bits}", f"ort-cpu-{bits}-unfused"} <= checked
+
+
+def test_bench_interleaves_and_profiles_by_op_type(teacher, calib_images, tmp_path):
+    from mimiq_deploy.bench import bench, format_bench
+    from mimiq_deploy.build import build
+
+    student = ptq_student(teacher, parse_bits("w4a8"), calib_images[:16])
+    export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    build(tmp_path, progress=lambda m: None)
+    report = bench(tmp_path, [2], warmup=1, iters=4, min_seconds=0, profile_runs=2, progress=lambda m: None)
+    names = {r["artifact"] for r in report["rows"]}
+    assert names == {"ort-cpu-w4a8", "ort-cpu-w4a8-int4", "ort-cpu-w4a16", "ort-cpu-fp32"}  # each its own artifact
+    assert all(r["iters"] == 4 for r in report["rows"]) and report["interleaved"]
+    profiles = {p["artifact"]: p for p in report["profiles"]}
+    assert profiles.keys() == names
+    for p in profiles.values():
+        assert p["total_ms"] > 0 and abs(sum(p["by_group"].values()) - 100) < 1e-6
+    assert profiles["ort-cpu-w4a8"]["by_group"]["integer matmul"] > 0
+    assert "integer matmul" not in profiles["ort-cpu-fp32"]["by_group"]
+    assert profiles["ort-cpu-w4a16"]["by_op"]["MatMulNBits"] > 0
+    assert "time by op type, ort-cpu-w4a8 batch 2" in format_bench(report)
