@@ -58,9 +58,10 @@ def _trt_sampler(run, x):
 
 
 def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_seconds: float = 0.0,
-                     per_round: int | None = None) -> dict:
+                     per_round: int | None = None, settle: int = 1) -> dict:
     """{name: [ms, ...]}: every sampler `warmup` times, then rounds of `per_round` calls of each in turn,
-    until each has `iters` samples and `min_seconds` of measured time (at most 20 x iters)."""
+    until each has `iters` samples and `min_seconds` of measured time (at most 20 x iters). The first
+    `settle` calls of each turn are not counted: the threads of the engine that ran before may still spin."""
     per_round = per_round or max(1, iters // 10)
     for sample in samplers.values():
         for _ in range(warmup):
@@ -68,7 +69,7 @@ def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_sec
     times = {name: [] for name in samplers}
     while any(len(t) < iters or (sum(t) < min_seconds * 1000 and len(t) < 20 * iters) for t in times.values()):
         for name, sample in samplers.items():
-            times[name] += [sample() for _ in range(per_round)]
+            times[name] += [sample() for _ in range(settle + per_round)][settle:]
     return times
 
 

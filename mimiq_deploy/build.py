@@ -11,7 +11,7 @@ from string import Template
 import onnx
 
 from .backends import BACKENDS
-from .encoding import choose_encoding, encoding_of, reencode
+from .encoding import choose_encoding, encoding_of, host_graph
 from .errors import MimiqError, atomic_write_json
 from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
                      save_onnx)
@@ -36,11 +36,11 @@ def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
     model = onnx.load(str(exp / QDQ_ONNX))
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     main = exp / f"model_qdq.{encoding}.onnx"
-    save_onnx(reencode(model, encoding, int4_weights_to_int8=True), main)
+    save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
     out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
     if packed:
         small = exp / f"model_qdq_int4.{encoding}.onnx"
-        save_onnx(reencode(onnx.load(str(exp / QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
+        save_onnx(host_graph(onnx.load(str(exp / QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
         if small.stat().st_size < main.stat().st_size:
             out["-int4"] = (small, f"{bits} QDQ, {encoding}, packed INT4 weights (smallest on disk)")
         else:

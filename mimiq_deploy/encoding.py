@@ -103,6 +103,51 @@ def reencode(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool =
     return model
 
 
+FLOAT_CONSUMERS = ("Conv", "Gemm")  # ORT fuses their QDQ only with a quantized output, which ours never have
+
+
+def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weight DequantizeLinear nodes feeding only Conv / Gemm become float initializers: exactly the values DQ
+    computes ((code - zero point) * scale in float32), once instead of at every call. ORT runs these ops in
+    float either way (no quantized output to fuse with), and a constant weight lets it pick its fast
+    layouts (NCHWc convolutions, pre-packed Gemm)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    keep, added = [], []
+    for node in model.graph.node:
+        users = consumers.get(node.output[0], []) if node.output else []
+        if (node.op_type == "DequantizeLinear" and node.input[0] in inits and users
+                and all(u in FLOAT_CONSUMERS for u in users)
+                and not any(a.name == "block_size" and a.i > 0 for a in node.attribute)):
+            codes = _codes(inits[node.input[0]]).astype(np.float32)
+            zp = _codes(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] else 0
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * codes.ndim
+            if scale.ndim:
+                shape[axis] = -1
+            added.append(numpy_helper.from_array((codes - np.reshape(zp, shape)) * scale.reshape(shape),
+                                                 node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.initializer.extend(added)
+    used = {name for node in keep for name in node.input} | {o.name for o in model.graph.output}
+    live = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live)
+    return model
+
+
+def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
+    """What `build` deploys on this host: the exported graph re-encoded, float-op weights folded."""
+    return fold_float_weights(reencode(model, encoding, int4_weights_to_int8))
+
+
 def encoding_of(model: onnx.ModelProto) -> dict:
     """Counts of Q/DQ zero-point types: what a built graph stores (for reports and tests)."""
     inits = {t.name: t for t in model.graph.initializer}
