@@ -14,7 +14,7 @@ import platform
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import MimiqError
 
@@ -143,9 +143,114 @@ def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _constant_values(model: onnx.ModelProto) -> dict:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
+    """timm's fused qkv projection, MatMul -> Add -> Reshape (B, N, 3, H, D) -> Transpose -> Split -> Squeeze x3,
+    becomes three projections MatMul -> Add -> Reshape (B, N, H, D) -> Transpose: the split is folded into the
+    weights (their columns, scales and biases sliced), so no float Split / 5-D Transpose of the qkv tensor runs.
+    Each output element is the same dot product with the same scales: the integer kernels give the same values."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = _constant_values(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    drop, replace, added = set(), {}, []
+    for split in (n for n in model.graph.node if n.op_type == "Split" and len(n.output) == 3):
+        tr = producer.get(split.input[0])
+        rs = producer.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
+        add = producer.get(rs.input[0]) if rs is not None and rs.op_type == "Reshape" else None
+        if add is None or add.op_type != "Add" or rs.input[1] not in producer:
+            continue
+        bias_name = next((i for i in add.input if i in inits), None)
+        mm = next((producer.get(i) for i in add.input if i not in inits), None)
+        dq = producer.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
+        squeezes = [users.get(o, []) for o in split.output]
+        shape_in = producer[rs.input[1]]
+        if (dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or bias_name is None
+                or list(helper.get_attribute_value(tr.attribute[0])) != [2, 0, 3, 1, 4]
+                or next((a.i for a in split.attribute if a.name == "axis"), 0) != 0
+                or any(len(u) != 1 or u[0].op_type != "Squeeze" for u in squeezes)
+                or len(users[dq.output[0]]) != 1 or len(users[mm.output[0]]) != 1 or len(users[add.output[0]]) != 1
+                or shape_in.op_type != "Concat" or len(shape_in.input) != 5
+                or not all(i in consts for i in shape_in.input[2:])
+                or next((a.i for a in dq.attribute if a.name == "axis"), 1) != 1):
+            continue
+        heads, dim = int(consts[shape_in.input[3]].reshape(-1)[0]), int(consts[shape_in.input[4]].reshape(-1)[0])
+        codes, scale, zp = inits[dq.input[0]], inits[dq.input[1]], inits[dq.input[2]]
+        width = heads * dim
+        if codes.dims[1] != 3 * width or len(scale.dims) != 1:
+            continue
+        chain, shared_q = [], None
+        x_dq = producer.get(mm.input[0])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if (x_q is not None and x_q.op_type == "QuantizeLinear" and len(users[mm.input[0]]) == 1
+                and len(users[x_dq.input[0]]) == 1):
+            shared_q = x_q
+            drop.add(id(x_dq))
+            if inits[x_q.input[2]].data_type == TensorProto.INT8:
+                # ORT moves int8 activations to its u8s8 kernels (as uint8 / zero point 128) only for a Q with a
+                # single DQ; this Q has three, so it is stored that way here: the same values.
+                added.append(numpy_helper.from_array(np.array(128, np.uint8), f"{mm.name}_x_zp_u8"))
+                x_q.input[2] = f"{mm.name}_x_zp_u8"
+        shape = numpy_helper.from_array(np.array([0, 0, heads, dim], np.int64), f"{mm.name}_split_shape")
+        added.append(shape)
+        for i, (sq,) in enumerate(squeezes):
+            cut = slice(i * width, (i + 1) * width)
+            tag = f"{mm.name}_split{i}"
+            for src, arr in ((codes, numpy_helper.to_array(codes)[:, cut]), (scale, numpy_helper.to_array(scale)[cut]),
+                             (zp, numpy_helper.to_array(zp)[cut]), (inits[bias_name],
+                                                                    numpy_helper.to_array(inits[bias_name])[cut])):
+                added.append(numpy_helper.from_array(np.ascontiguousarray(arr), f"{tag}_{src.name}"))
+            pre = f"{tag}_"
+            if shared_q is not None:  # one DQ per MatMul, all reading the one QuantizeLinear of x
+                x = pre + "x"
+                chain.append(helper.make_node("DequantizeLinear", [shared_q.output[0], *shared_q.input[1:]], [x],
+                                              name=pre + "x_DequantizeLinear"))
+            else:
+                x = mm.input[0]
+            chain += [helper.make_node("DequantizeLinear", [pre + codes.name, pre + scale.name, pre + zp.name],
+                                       [pre + "w"], name=pre + "DequantizeLinear", axis=1),
+                      helper.make_node("MatMul", [x, pre + "w"], [pre + "mm"], name=pre + "MatMul"),
+                      helper.make_node("Add", [pre + "mm", pre + bias_name], [pre + "add"], name=pre + "Add"),
+                      helper.make_node("Reshape", [pre + "add", shape.name], [pre + "heads"], name=pre + "Reshape"),
+                      helper.make_node("Transpose", [pre + "heads"], [sq.output[0]], name=pre + "Transpose",
+                                       perm=[0, 2, 1, 3])]
+            drop.add(id(sq))
+        replace[id(mm)] = chain
+        drop.update({id(dq), id(add), id(rs), id(tr), id(split)})
+    if not replace:
+        return model
+    nodes = []
+    for node in model.graph.node:
+        if id(node) in replace:
+            nodes += replace[id(node)]
+        elif id(node) not in drop:
+            nodes.append(node)
+    needed = {name for node in nodes for name in node.input}
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # split sizes, squeeze axes
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(added)
+    used = {name for node in nodes for name in node.input} | {o.name for o in model.graph.output}
+    live = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live)
+    return model
+
+
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
-    """What `build` deploys on this host: the exported graph re-encoded, float-op weights folded."""
-    return fold_float_weights(reencode(model, encoding, int4_weights_to_int8))
+    """What `build` deploys on this host: the exported graph re-encoded, float-op weights folded, the fused qkv
+    projection split into q, k, v projections."""
+    return split_qkv(fold_float_weights(reencode(model, encoding, int4_weights_to_int8)))
 
 
 def encoding_of(model: onnx.ModelProto) -> dict:

@@ -8,7 +8,7 @@ from onnx import TensorProto, numpy_helper
 
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.data import fmnist_eval_dataset
-from mimiq_deploy.encoding import ENV_VNNI, choose_encoding, host_encoding, reencode
+from mimiq_deploy.encoding import ENV_VNNI, choose_encoding, host_encoding, host_graph, reencode
 from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.export import QDQ_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import ptq_student, save_student
@@ -68,6 +68,19 @@ def test_reencoded_graphs_hold_the_same_values(teacher, calib_images, bits, tmp_
         path = tmp_path / f"{encoding}.onnx"
         onnx.save(model, str(path))
         np.testing.assert_array_equal(_run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), exact)
+        # what build deploys: also Conv / Gemm weights folded to float, the qkv projection split in three
+        host = host_graph(onnx.load(str(tmp_path / "export" / QDQ_ONNX)), encoding)
+        assert check_graph(host, "onnxruntime") == []
+        ops = [n.op_type for n in host.graph.node]
+        assert "Split" not in ops and ops.count("MatMul") == len(teacher.blocks) * 8  # q, k, v, qk, av, proj, fc1, fc2
+        assert not any(n.op_type == "DequantizeLinear" and n.input[0] in {t.name for t in host.graph.initializer}
+                       and "patch_embed" in n.name for n in host.graph.node)  # stem weights folded
+        path = tmp_path / f"{encoding}.host.onnx"
+        onnx.save(host, str(path))
+        np.testing.assert_array_equal(_run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), exact)
+        fused = _run(path, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        cos = (fused * exact).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(exact, axis=1))
+        assert (fused.argmax(1) == exact.argmax(1)).all() and cos.min() > 0.999, cos.min()
 
 
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
@@ -84,11 +97,14 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
         monkeypatch.setenv(ENV_VNNI, vnni)
         built = build(tmp_path, progress=lambda m: None)
         assert built["ort_encoding"]["encoding"] == encoding and built["ort_encoding"]["reason"]
-        assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4"}
+        # int8 hosts: the one activation quantizer shared by q, k, v is stored as uint8 / 128 (ORT's u8s8 form)
+        assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4", "uint8"}
         main = built["artifacts"][f"ort-cpu-{bits}"]
         assert main["path"].endswith(f"model_qdq.{encoding}.onnx")
         if bits != "w4a4":  # W4A8 runs on the integer kernels of W8A8
-            assert main["integer_kernels"].get("MatMulIntegerToFloat", 0) >= 24 and main["float_matmuls"] <= 1
+            kernels = main["integer_kernels"]
+            assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 6 * 8  # every matmul
+            assert main["float_matmuls"] <= 1 and "Split" not in main["op_counts"]
         if bits.startswith("w4"):
             small = built["artifacts"][f"ort-cpu-{bits}-int4"]
             assert small["path"].endswith(f"model_qdq_int4.{encoding}.onnx")
