@@ -85,7 +85,8 @@ def openvino_sampler(path: Path, x: np.ndarray, threads: int):
         t0 = time.perf_counter()
         request.infer({0: x})
         return (time.perf_counter() - t0) * 1000
-    return sample, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return sample, getattr(hint, "type_name", None) or str(hint)
 
 
 def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
@@ -119,7 +120,8 @@ def main():
     ap.add_argument("--bits", default="w8a8,w4a8")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=10, help="least samples per candidate and batch")
+    ap.add_argument("--iters", type=int, default=20, help="least samples per candidate at batch 1")
+    ap.add_argument("--big-iters", type=int, default=5, help="samples per candidate at batches > 1")
     ap.add_argument("--seconds", type=float, default=1.0, help="least measured seconds per candidate and batch")
     ap.add_argument("--work", type=Path, default=Path("runs/latency"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/LATENCY.md"))
@@ -150,8 +152,8 @@ def main():
              f"- ONNX Runtime {onnxruntime.__version__} (CPU EP, ORT_ENABLE_ALL); {ov_note}; {args.threads} threads each.",
              "- The host was shared with other jobs (about one of its two cores busy): absolute times are noisy; "
              "every candidate was timed in the same process in interleaved rounds, so the ratios are the figures "
-             "to read. p50 over at least "
-             f"{args.iters} runs and {args.seconds} s per candidate and batch, after 2 warm-up runs.",
+             f"to read. p50 at batch 1 over at least {args.iters} runs and {args.seconds} s per candidate (each turn "
+             f"after one uncounted run); at larger batches over {args.big_iters} runs, after one warm-up run.",
              "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
     profiles = []
     for model in args.models.split(","):
@@ -170,7 +172,9 @@ def main():
                     except Exception as e:  # an op OpenVINO does not import: say so in the table
                         results[(label, "OpenVINO", b)] = f"fails: {str(e).splitlines()[0][:80]}"
             print(f"{model} batch {b}: timing {len(samplers)} candidates", flush=True)
-            times = time_interleaved(samplers, warmup=2, iters=args.iters, min_seconds=args.seconds, per_round=1)
+            big = b > 1  # long runs: fewer samples, no settling call (see bench.time_interleaved)
+            times = time_interleaved(samplers, warmup=1 if big else 2, iters=args.big_iters if big else args.iters,
+                                     min_seconds=0 if big else args.seconds, per_round=1, settle=0 if big else 1)
             for (label, engine), t in times.items():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:
