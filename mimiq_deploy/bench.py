@@ -1,7 +1,10 @@
-"""`mimiq-deploy bench`: latency percentiles and throughput of each artifact and its float twin.
+"""`mimiq-deploy bench`: latency percentiles and throughput of each artifact and its float twin,
+and where the time goes (ONNX Runtime's profiler, time by op type).
 
-ONNX Runtime is timed with a wall clock around `run`; TensorRT with CUDA events on its stream.
-Warm-up runs come first and are not counted.
+All artifacts are timed in one process, in interleaved rounds (a round runs each artifact a few
+times), so that a shared or throttling host slows them alike and their ratios hold. ONNX Runtime is
+timed with a wall clock around `run`; TensorRT with CUDA events on its stream. Warm-up runs come
+first and are not counted.
 """
 import json
 import time
@@ -14,58 +17,100 @@ from .build import read_build
 from .errors import atomic_write_json
 
 BENCH_FILE = "bench.json"
+OP_GROUPS = {  # profile shares are reported per op type and per group
+    "integer matmul": ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
+                       "DynamicQuantizeMatMul"),
+    "INT4 weight-only matmul": ("MatMulNBits",),
+    "float matmul / conv": ("MatMul", "FusedMatMul", "Gemm", "Conv", "NchwcConv"),
+    "Q/DQ": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
+    "LayerNorm": ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"),
+    "softmax": ("Softmax",),
+    "GELU": ("Gelu", "BiasGelu", "FastGelu", "Erf"),
+    "reshapes": ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Concat", "Gather", "Slice", "Expand",
+                 "Flatten", "Shape", "ReorderInput", "ReorderOutput"),
+}
 
 
-def _time_ort(run, x, warmup, iters):
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(iters):
+def op_group(op_type: str) -> str:
+    return next((g for g, ops in OP_GROUPS.items() if op_type in ops), "other (Add, Mul, ...)")
+
+
+def _ort_sampler(run, x):
+    def sample():
         t0 = time.perf_counter()
         run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
+        return (time.perf_counter() - t0) * 1000
+    return sample
 
 
-def _time_trt(run, x, warmup, iters):
+def _trt_sampler(run, x):
     import torch
     xd = torch.from_numpy(x).cuda()
-    for _ in range(warmup):
-        run.device_call(xd)
-    times = []
-    for _ in range(iters):
+
+    def sample():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(run.stream)
         run.device_call(xd)
         end.record(run.stream)
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        return start.elapsed_time(end)
+    return sample
+
+
+def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_seconds: float = 0.0,
+                     per_round: int | None = None, settle: int = 1) -> dict:
+    """{name: [ms, ...]}: every sampler `warmup` times, then rounds of `per_round` calls of each in turn,
+    until each has `iters` samples and `min_seconds` of measured time (at most 20 x iters). The first
+    `settle` calls of each turn are not counted: the threads of the engine that ran before may still spin."""
+    per_round = per_round or max(1, iters // 10)
+    for sample in samplers.values():
+        for _ in range(warmup):
+            sample()
+    times = {name: [] for name in samplers}
+    while any(len(t) < iters or (sum(t) < min_seconds * 1000 and len(t) < 20 * iters) for t in times.values()):
+        for name, sample in samplers.items():
+            times[name] += [sample() for _ in range(settle + per_round)][settle:]
     return times
 
 
+def profile_breakdown(by_op: dict) -> dict:
+    """ms per run by op type -> {"total_ms", "by_op": {op: share}, "by_group": {group: share}} (shares in %)."""
+    total = sum(by_op.values()) or 1.0
+    groups = {}
+    for op, ms in by_op.items():
+        groups[op_group(op)] = groups.get(op_group(op), 0.0) + ms
+    pct = lambda d: {k: 100.0 * v / total for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+    return {"total_ms": total, "by_op": pct(by_op), "by_group": pct(groups)}
+
+
 def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 100, min_seconds: float = 2.0,
-          progress=print) -> dict:
+          profile_runs: int = 10, progress=print) -> dict:
     run_dir = Path(run_dir)
     built = read_build(run_dir)
-    rows = []
-    for name, art in built["artifacts"].items():
-        if art.get("reference"):  # a correctness reference, not a deployment candidate
-            continue
-        backend = BACKENDS[art["backend"]]
-        run = backend.load(Path(art["path"]), provider=art.get("provider"))
-        timer = _time_trt if art["backend"] == "tensorrt" else _time_ort
-        shape = tuple(json.loads((run_dir / "export" / "export.json").read_text())["pretrained_cfg"]["input_size"])
-        for b in batch_sizes:
-            x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
-            times = timer(run, x, warmup, iters)
-            while sum(times) < min_seconds * 1000 and len(times) < 20 * iters:  # short runs: more samples
-                times += timer(run, x, 0, iters)
-            t = np.array(times)
-            rows.append({"artifact": name, "precision": art["precision"], "batch": b, "iters": len(t),
+    shape = tuple(json.loads((run_dir / "export" / "export.json").read_text())["pretrained_cfg"]["input_size"])
+    arts = {name: art for name, art in built["artifacts"].items()
+            if not art.get("reference")}  # references are for correctness, not deployment candidates
+    runs = {name: BACKENDS[art["backend"]].load(Path(art["path"]), provider=art.get("provider"))
+            for name, art in arts.items()}
+    rows, profiles = [], []
+    for b in batch_sizes:
+        x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
+        samplers = {name: (_trt_sampler if arts[name]["backend"] == "tensorrt" else _ort_sampler)(run, x)
+                    for name, run in runs.items()}
+        times = time_interleaved(samplers, warmup, iters, min_seconds)
+        for name, t in times.items():
+            t = np.array(t)
+            rows.append({"artifact": name, "precision": arts[name]["precision"], "batch": b, "iters": len(t),
                          "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
                          "p99_ms": float(np.percentile(t, 99)), "throughput_ips": float(b * 1000 / t.mean())})
             progress(f"{name} batch {b}: p50 {rows[-1]['p50_ms']:.3f} ms, {rows[-1]['throughput_ips']:.0f} img/s")
-    report = {"rows": rows, "speedups": _speedups(rows), "skipped": built.get("skipped", {})}
+        if profile_runs:
+            for name, art in arts.items():
+                if art["backend"] == "onnxruntime":
+                    by_op = BACKENDS["onnxruntime"].profile(Path(art["path"]), x, art.get("provider"), profile_runs)
+                    profiles.append({"artifact": name, "batch": b, **profile_breakdown(by_op)})
+    report = {"rows": rows, "speedups": _speedups(rows), "profiles": profiles, "skipped": built.get("skipped", {}),
+              "interleaved": True}
     atomic_write_json(run_dir / BENCH_FILE, report)
     return report
 
@@ -76,7 +121,8 @@ def _speedups(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if not r["artifact"].endswith(("fp32", "fp16")):
-            prefix = r["artifact"].rsplit("-", 1)[0]
+            parts = r["artifact"].split("-")
+            prefix = "-".join(parts[:2] if parts[0] == "ort" else parts[:1])  # ort-cpu, ort-cuda, trt
             twin = next((by[(a, r["batch"])] for a, b in by if b == r["batch"] and a.startswith(prefix)
                          and a.endswith(("fp32", "fp16"))), None)
             if twin:
@@ -93,6 +139,9 @@ def format_bench(report: dict) -> str:
     for s in report["speedups"]:
         lines.append(f"speed-up of {s['quantized']} over {s['float']} at batch {s['batch']} (p50 ratio): "
                      f"{s['float_over_quantized_p50']:.2f}x")
+    for p in report.get("profiles", []):
+        groups = ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items() if v >= 0.5)
+        lines.append(f"time by op type, {p['artifact']} batch {p['batch']} ({p['total_ms']:.2f} ms of kernels): {groups}")
     for reason in report["skipped"].values():
         lines.append(reason)
     return "\n".join(lines)

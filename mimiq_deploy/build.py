@@ -8,9 +8,13 @@ import shutil
 from pathlib import Path
 from string import Template
 
+import onnx
+
 from .backends import BACKENDS
+from .encoding import choose_encoding, encoding_of, host_graph
 from .errors import MimiqError, atomic_write_json
-from .export import EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, load_export_config
+from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
+                     save_onnx)
 
 BUILD_FILE = "build.json"
 
@@ -22,8 +26,35 @@ def read_export_manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def build(run_dir: Path, progress=print) -> dict:
-    """Build every artifact the exported graphs allow; returns and writes run_dir/build.json."""
+def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
+    """The exported QDQ graph re-encoded for this host: {artifact suffix: (path, precision)}.
+
+    Main graph: 8-bit tensors in `encoding`, INT4 weight codes in 8-bit containers (the same values), so
+    that W4A8 runs on the integer kernels of W8A8. INT4 students also keep the packed-INT4 graph (smaller on
+    disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
+    out = {}
+    model = onnx.load(str(exp / QDQ_ONNX))
+    packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    main = exp / f"model_qdq.{encoding}.onnx"
+    save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
+    out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
+    if packed:
+        small = exp / f"model_qdq_int4.{encoding}.onnx"
+        save_onnx(host_graph(onnx.load(str(exp / QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
+        if small.stat().st_size < main.stat().st_size:
+            out["-int4"] = (small, f"{bits} QDQ, {encoding}, packed INT4 weights (smallest on disk)")
+        else:
+            small.unlink()
+    if (exp / W4A16_ONNX).exists():
+        out["w4a16"] = (exp / W4A16_ONNX, "w4a16 weight-only INT4 (MatMulNBits), float activations")
+    return out
+
+
+def build(run_dir: Path, progress=print, encoding: str | None = None) -> dict:
+    """Build every artifact the exported graphs allow; returns and writes run_dir/build.json.
+
+    encoding: "int8" / "uint8" forces the 8-bit encoding of the ONNX Runtime graph; None or "auto" lets
+    an explicit `ort_int8` of the export config, then this host's CPU decide (encoding.py)."""
     run_dir = Path(run_dir)
     manifest = read_export_manifest(run_dir)
     cfg = load_export_config(None)
@@ -32,18 +63,24 @@ def build(run_dir: Path, progress=print) -> dict:
     bits = manifest["bits"]
     ort = BACKENDS["onnxruntime"]
     artifacts, skipped = {}, dict(manifest.get("notes", {}))
+    chosen, enc_why = choose_encoding(encoding, cfg.ort_int8)
+    progress(f"ONNX Runtime 8-bit encoding: {chosen} ({enc_why})")
+    graphs = host_graphs(exp, bits, chosen)
+    main_path = graphs[""][0]
     for provider in ort.providers():
         tag = "cpu" if provider == "CPUExecutionProvider" else "cuda"
-        for name, onnx_file, precision in ((f"ort-{tag}-{bits}", QDQ_ONNX, f"{bits} QDQ"),
-                                           (f"ort-{tag}-fp32", FLOAT_ONNX, "fp32")):
-            info = ort.build(exp / onnx_file, exp / f"{Path(onnx_file).stem}.{tag}.opt.onnx", provider)
-            artifacts[name] = {"backend": "onnxruntime", "provider": provider, "path": str(exp / onnx_file),
-                               "precision": precision, "quantized": precision != "fp32", **info}
+        todo = [(f"ort-{tag}-{bits}{suffix}" if suffix != "w4a16" else f"ort-{tag}-w4a16", path, precision)
+                for suffix, (path, precision) in graphs.items()]
+        for name, onnx_file, precision in todo + [(f"ort-{tag}-fp32", exp / FLOAT_ONNX, "fp32")]:
+            info = ort.build(onnx_file, exp / f"{onnx_file.stem}.{tag}.opt.onnx", provider)
+            artifacts[name] = {"backend": "onnxruntime", "provider": provider, "path": str(onnx_file),
+                               "precision": precision, "quantized": precision != "fp32",
+                               "weight_only": name.endswith("w4a16"), **info}
             progress(f"built {name}: integer kernels {info['integer_kernels'] or 'none'}")
         # The same QDQ graph with ORT's fusions off: plain QuantizeLinear/DequantizeLinear + float ops.
         # It separates what the exporter wrote from what the integer kernels of this CPU compute.
         artifacts[f"ort-{tag}-{bits}-unfused"] = {"backend": "onnxruntime", "provider": provider,
-                                                  "path": str(exp / QDQ_ONNX), "precision": f"{bits} QDQ unfused",
+                                                  "path": str(main_path), "precision": f"{bits} QDQ unfused",
                                                   "quantized": True, "optimization": "disabled", "reference": True}
     trt = BACKENDS["tensorrt"]
     ok, why = trt.available()
@@ -66,8 +103,9 @@ def build(run_dir: Path, progress=print) -> dict:
             skipped["tensorrt"] = f"TensorRT engines not built: {why}"
     for reason in skipped.values():
         progress(reason)
-    write_model_repository(run_dir, manifest, artifacts, cfg)
-    result = {"bits": bits, "artifacts": artifacts, "skipped": skipped}
+    write_model_repository(run_dir, manifest, artifacts, cfg, main_path)
+    result = {"bits": bits, "artifacts": artifacts, "skipped": skipped,
+              "ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(onnx.load(str(main_path)))}}
     atomic_write_json(run_dir / BUILD_FILE, result)
     return result
 
@@ -79,7 +117,7 @@ def read_build(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg) -> Path:
+def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg, onnx_path: Path) -> Path:
     """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}."""
     pre = manifest["pretrained_cfg"]
     base = (manifest.get("model_name") or "model").replace("-", "_").replace("/", "_") + "_" + manifest["bits"]
@@ -89,7 +127,7 @@ def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg) 
     repo = Path(run_dir) / "model_repository"
     tmp = repo.with_name("model_repository.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    entries = [(f"{base}_onnx", "onnxruntime.pbtxt", Path(run_dir) / EXPORT_DIR / QDQ_ONNX, "model.onnx",
+    entries = [(f"{base}_onnx", "onnxruntime.pbtxt", onnx_path, "model.onnx",
                 {"instance_kind": "KIND_AUTO"})]
     trt = artifacts.get(f"trt-{manifest['bits']}")
     if trt:

@@ -225,11 +225,15 @@ def check(onnx_path, target):
 
 @main.command("build")
 @run_dir_argument
-def build_cmd(run_dir):
+@click.option("--encoding", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
+              help="8-bit encoding of the ONNX Runtime graph. auto: `ort_int8` of the export config if set, else "
+                   "int8 / zero point 0 on CPUs with VNNI or ARM dot product, uint8 / zero point 128 elsewhere "
+                   "(env MIMIQ_CPU_VNNI=0/1 overrides the detection).")
+def build_cmd(run_dir, encoding):
     """ONNX Runtime sessions and TensorRT engines from the exported graphs, plus the model repository."""
     from .build import build
 
-    build(run_dir, progress=click.echo)
+    build(run_dir, progress=click.echo, encoding=encoding)
 
 
 @main.command("verify")

@@ -30,6 +30,7 @@ QDQ_ONNX = "model_qdq.onnx"           # FP32 QDQ graph for ONNX Runtime
 FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantization)
 TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
 TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
+W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
 TEMPLATES = Path(__file__).resolve().parent.parent / "export" / "templates"
 
 
@@ -42,7 +43,8 @@ class ExportConfig:
     max_batch: int = 64
     fp16_io: bool = True           # TensorRT graph takes and returns FP16
     workspace_mib: int = 2048
-    ort_int8: str = "uint8"        # 8-bit tensors of the ORT graph: "uint8" (zero point 128) or "int8" (zero point 0)
+    ort_int8: str = "auto"         # 8-bit encoding of the built ORT graph: "auto" (build picks for its host),
+                                   # "uint8" (zero point 128) or "int8" (zero point 0)
     min_agreement: float = 99.5    # verify: top-1 agreement with the fake-quant student, percent
     min_cosine: float = 0.999      # verify: mean logit cosine similarity
     batch_sizes: list = dataclasses.field(default_factory=lambda: [1, 32])  # bench
@@ -51,8 +53,8 @@ class ExportConfig:
 
 def load_export_config(path: str | Path | None) -> ExportConfig:
     cfg = dataclass_from(ExportConfig, read_toml(path), str(path)) if path else ExportConfig()
-    if cfg.ort_int8 not in ("uint8", "int8"):
-        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {path}: choose \"uint8\" or \"int8\"")
+    if cfg.ort_int8 not in ("auto", "uint8", "int8"):
+        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {path}: choose \"auto\", \"uint8\" or \"int8\"")
     return cfg
 
 
@@ -229,12 +231,14 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         float_model = torch_to_onnx(student, input_size, cfg.opset)
     finally:
         set_quant_enabled(student, True)
-    # uint8 with zero point 128 holds the same values as int8 with zero point 0, but x86 CPUs without
-    # VNNI run ORT's u8s8 kernels through 16-bit pair sums that saturate; u8u8 kernels do not
-    # (measured on W8A8: 99.1 % vs 99.8 % top-1 agreement with the student on a pre-VNNI CPU).
-    ort_graph = lower_fake_quant(_copy(raw), "onnxruntime", uint8=cfg.ort_int8 == "uint8")
+    # The exported graph is hardware-neutral: uint8 with zero point 128 (unless ort_int8 = "int8") is exact on
+    # every CPU. `build` re-encodes it for its host (encoding.py): int8 / zero point 0 where the CPU has VNNI.
+    ort_graph = lower_fake_quant(_copy(raw), "onnxruntime", uint8=cfg.ort_int8 != "int8")
     graphs = {QDQ_ONNX: ("onnxruntime", ort_graph), FLOAT_ONNX: (None, float_model)}
     notes = {}
+    if qc.weight_bits == 4:  # INT4 storage with float activations: block-wise INT4 weights -> MatMulNBits
+        w4a16 = lower_fake_quant(_copy(raw), "tensorrt", cfg.int4_block_size, weight_only=True)
+        graphs[W4A16_ONNX] = ("onnxruntime", w4a16)
     if qc.act_bits == 4:
         notes["tensorrt"] = (f"{qc.name} not built for TensorRT: it has no INT4 activation kernels; "
                              "deployable there are w4a8 (INT4 weight-only) and w8a8")

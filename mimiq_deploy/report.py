@@ -211,6 +211,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     for name, r in v.get("artifacts", {}).items():
         out.append(f"| {name} | {r['precision']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['cosine']:.5f} | "
                    f"{r['max_abs_error']:.4f} |")
+    enc = (report.get("build") or {}).get("ort_encoding")
+    if enc:
+        out += ["", f"ONNX Runtime 8-bit encoding chosen by build: **{enc['encoding']}** ({enc['reason']})."]
     out += ["", "## Latency and throughput", "", "| artifact | batch | p50 ms | p90 ms | p99 ms | images/s |",
             "|---|---|---|---|---|---|"]
     out += [f"| {r['artifact']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "
@@ -219,6 +222,10 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             f"{x['float_over_quantized_p50']:.2f}x"
             for x in b.get("speedups", [])]
     out += [f"- {reason}" for reason in b.get("skipped", {}).values()]
+    if b.get("profiles"):
+        out += ["", "Time by op type (ONNX Runtime profiler, share of kernel time):", ""]
+        out += [f"- {p['artifact']} batch {p['batch']}: " + ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items()
+                                                                  if v >= 0.5) for p in b["profiles"]]
     sim = report["inter_head_similarity"]
     out += ["", "## Synthetic calibration set", "",
             f"{s['num_images_done']} {s['kind']} images; final losses {s.get('final_losses')}; "

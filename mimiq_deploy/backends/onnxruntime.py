@@ -26,9 +26,39 @@ class OnnxRuntimeBackend:
         ort.InferenceSession(str(onnx_path), so, providers=[provider])
         ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
         integer = {k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
-                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger")}
+                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger",
+                                                           "MatMulNBits")}
         return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
                 ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
+
+    def profile(self, onnx_path: Path, x: np.ndarray, provider: str | None = None, runs: int = 10,
+                threads: int = 0) -> dict:
+        """Kernel time per run by op type (ms), from ONNX Runtime's profiler, after two warm-up runs."""
+        import json
+        import os
+        import tempfile
+
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        with tempfile.TemporaryDirectory() as tmp:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "ort")
+            sess = ort.InferenceSession(str(onnx_path), so, providers=[provider or "CPUExecutionProvider"])
+            feed = {sess.get_inputs()[0].name: x.astype(np.float16 if sess.get_inputs()[0].type == "tensor(float16)"
+                                                         else np.float32, copy=False)}
+            for _ in range(2 + runs):  # two warm-up runs, told apart below by their model_run events
+                sess.run(None, feed)
+            with open(sess.end_profiling()) as f:
+                events = json.load(f)
+        first = sorted(e["ts"] for e in events if e.get("name") == "model_run")[2]
+        by_op = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+                by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+        return dict(by_op)
 
     def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0, optimization: str = "all"):
         import onnxruntime as ort

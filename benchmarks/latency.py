@@ -1,0 +1,208 @@
+"""CPU latency of this project's artifacts against what a user would pick instead -> LATENCY.md.
+
+Per model (fmnist-vit, the embedded default; random-init deit_tiny / deit_small) and batch size:
+- the FP32 twin (model_fp32.onnx of the export);
+- ONNX Runtime's own `quantize_static` QDQ output of the same float graph (QDQ format, per-channel
+  weights, its default int8 types and MinMax calibration on the same images as our students);
+- ONNX Runtime's weight-only INT4 of the same float graph (`MatMulNBitsQuantizer`, block 32, symmetric);
+- this project's artifacts of `build` on this host (W8A8; W4A8 in 8-bit containers, packed INT4, w4a16),
+  from PTQ students (calibration only, finetune epochs 0): fmnist-vit on 64 training images,
+  deit on 8 Gaussian-noise images;
+each in ONNX Runtime and in OpenVINO (when `openvino` is installed), all timed in one process in
+interleaved rounds (bench.time_interleaved), 2 threads. Ratios are FP32 twin (ONNX Runtime) p50 / p50.
+
+    PYTHONPATH=. python benchmarks/latency.py --out benchmarks/LATENCY.md
+"""
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from mimiq_deploy.backends import BACKENDS
+from mimiq_deploy.bench import _ort_sampler, profile_breakdown, time_interleaved
+from mimiq_deploy.build import build
+from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
+from mimiq_deploy.errors import atomic_write_text
+from mimiq_deploy.export import FLOAT_ONNX, ExportConfig, export_student
+from mimiq_deploy.finetune import ptq_student
+from mimiq_deploy.quant import parse_bits
+
+
+def teacher_and_images(name: str):
+    if name == "fmnist-vit":
+        from mimiq_deploy.data import fmnist_eval_dataset
+        from mimiq_deploy.models import load_model
+        teacher = load_model(name)
+        ds = fmnist_eval_dataset(teacher.pretrained_cfg, split="train")
+        return teacher, torch.stack([ds[i][0] for i in range(64)]), "64 Fashion-MNIST training images"
+    import timm
+    from mimiq_deploy.attention import capture_attention
+    teacher = capture_attention(timm.create_model(name, pretrained=False)).eval()
+    return teacher, torch.randn(8, *teacher.pretrained_cfg["input_size"]), "8 Gaussian-noise images"
+
+
+def ort_peers(fp32: Path, images: np.ndarray, out: Path) -> dict:
+    """ONNX Runtime's own quantizers on the same float graph."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    peers = {}
+    qdq = out / "ort_quantize_static.onnx"
+    if not qdq.exists():
+        quantize_static(str(fp32), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    peers["ORT quantize_static (QDQ int8)"] = qdq
+    nbits = out / "ort_matmulnbits.onnx"
+    if not nbits.exists():
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=True)
+        q.process()
+        q.model.save_model_to_file(str(nbits))
+    peers["ORT MatMulNBits (INT4 weight-only)"] = nbits
+    return peers
+
+
+def openvino_sampler(path: Path, x: np.ndarray, threads: int):
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({model.inputs[0]: list(x.shape)})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    request.infer({0: x})
+
+    def sample():
+        t0 = time.perf_counter()
+        request.infer({0: x})
+        return (time.perf_counter() - t0) * 1000
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return sample, getattr(hint, "type_name", None) or str(hint)
+
+
+def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
+    """{label: onnx path}: FP32 twin, ORT's quantizers, this project's built artifacts."""
+    teacher, images, calib = teacher_and_images(model)
+    torch.manual_seed(0)
+    cands = {}
+    for bits in bits_list:
+        run = work / model / bits
+        if not (run / "build.json").exists():
+            student = ptq_student(teacher, parse_bits(bits), images)
+            export_student(student, run, ExportConfig(), progress=lambda m: None)
+            build(run, progress=lambda m: None)
+        import json
+        built = json.loads((run / "build.json").read_text())
+        if "FP32 twin" not in cands:
+            cands["FP32 twin"] = run / "export" / FLOAT_ONNX
+            cands.update(ort_peers(run / "export" / FLOAT_ONNX, images.numpy(), run))
+        for name, art in built["artifacts"].items():
+            if art["backend"] == "onnxruntime" and not art.get("reference") and not name.endswith("fp32") \
+                    and art.get("provider") == "CPUExecutionProvider":
+                if name.endswith("w4a16") and any(k.endswith("w4a16") for k in cands):
+                    continue  # w4a8 and w4a4 students share one weight-only graph
+                cands[f"mimiq {name.removeprefix('ort-cpu-')} ({art['precision']})"] = Path(art["path"])
+    return cands, calib
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="fmnist-vit,deit_tiny_patch16_224,deit_small_patch16_224")
+    ap.add_argument("--bits", default="w8a8,w4a8")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=20, help="least samples per candidate at batch 1")
+    ap.add_argument("--big-iters", type=int, default=5, help="samples per candidate at batches > 1")
+    ap.add_argument("--seconds", type=float, default=1.0, help="least measured seconds per candidate and batch")
+    ap.add_argument("--work", type=Path, default=Path("runs/latency"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/LATENCY.md"))
+    ap.add_argument("--no-openvino", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ort_backend = BACKENDS["onnxruntime"]
+    try:
+        import openvino
+        ov_note = f"OpenVINO {openvino.__version__}"
+    except ImportError:
+        openvino = None
+        ov_note = "OpenVINO skipped: the `openvino` package is not installed (pip install mimiq-deploy[openvino])"
+    if args.no_openvino:
+        openvino, ov_note = None, "OpenVINO skipped: --no-openvino"
+    import onnxruntime
+    flags = cpu_flags()
+    dot = sorted(set(DOT_PRODUCT_FLAGS) & flags)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    lines = ["# CPU latency: this project's artifacts against the usual alternatives", "",
+             f"Generated by `PYTHONPATH=. python {' '.join(sys.argv)}`.", "",
+             f"- CPU: {cpu}, {len(flags and [1]) and __import__('os').cpu_count()} logical cores; "
+             f"VNNI / dot product: {', '.join(dot) if dot else 'none'}; "
+             f"avx512f {'yes' if 'avx512f' in flags else 'no'}, avx2 {'yes' if 'avx2' in flags else 'no'}, "
+             f"avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}.",
+             f"- Host encoding chosen by `build`: {host_encoding()[0]} ({host_encoding()[1]}).",
+             f"- ONNX Runtime {onnxruntime.__version__} (CPU EP, ORT_ENABLE_ALL); {ov_note}; {args.threads} threads each.",
+             "- The host was shared with other jobs (about one of its two cores busy): absolute times are noisy; "
+             "every candidate was timed in the same process in interleaved rounds, so the ratios are the figures "
+             f"to read. p50 at batch 1 over at least {args.iters} runs and {args.seconds} s per candidate (each turn "
+             f"after one uncounted run); at larger batches over {args.big_iters} runs, after one warm-up run.",
+             "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
+    profiles = []
+    for model in args.models.split(","):
+        cands, calib = candidates(model, args.work, args.bits.split(","))
+        shape = tuple(onnx.load(str(cands["FP32 twin"])).graph.input[0].type.tensor_type.shape.dim)[1:]
+        shape = tuple(d.dim_value for d in shape)
+        results, precisions = {}, {}
+        for b in (int(v) for v in args.batches.split(",")):
+            x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
+            samplers = {}
+            for label, path in cands.items():
+                samplers[(label, "ONNX Runtime")] = _ort_sampler(ort_backend.load(path, threads=args.threads), x)
+                if openvino:
+                    try:
+                        samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(path, x, args.threads)
+                    except Exception as e:  # an op OpenVINO does not import: say so in the table
+                        results[(label, "OpenVINO", b)] = f"fails: {str(e).splitlines()[0][:80]}"
+            print(f"{model} batch {b}: timing {len(samplers)} candidates", flush=True)
+            big = b > 1  # long runs: fewer samples, no settling call (see bench.time_interleaved)
+            times = time_interleaved(samplers, warmup=1 if big else 2, iters=args.big_iters if big else args.iters,
+                                     min_seconds=0 if big else args.seconds, per_round=1, settle=0 if big else 1)
+            for (label, engine), t in times.items():
+                results[(label, engine, b)] = float(np.percentile(t, 50))
+            for label in cands:
+                if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static")):
+                    prof = ort_backend.profile(cands[label], x, threads=args.threads, runs=5)
+                    profiles.append((model, label, b, profile_breakdown(prof)))
+        batches = [int(v) for v in args.batches.split(",")]
+        lines += [f"## {model} (PTQ students calibrated on {calib})", "",
+                  "| candidate | engine | " + " | ".join(f"b{b} p50 ms | b{b} x" for b in batches) + " |",
+                  "|---|---|" + "---|---|" * len(batches)]
+        for label in cands:
+            for engine in ("ONNX Runtime", "OpenVINO") if openvino else ("ONNX Runtime",):
+                cells = []
+                for b in batches:
+                    v, ref = results.get((label, engine, b)), results[("FP32 twin", "ONNX Runtime", b)]
+                    cells += [f"{v:.2f}", f"{ref / v:.2f}x"] if isinstance(v, float) else [v or "-", ""]
+                eng = engine + (f" ({precisions[label]})" if engine == "OpenVINO" and label in precisions else "")
+                lines.append(f"| {label} | {eng} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Where the time goes (ONNX Runtime profiler, share of kernel time by op group)", "",
+              "| model | candidate | batch | kernel ms | shares |", "|---|---|---|---|---|"]
+    for model, label, b, p in profiles:
+        shares = ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items() if v >= 1)
+        lines.append(f"| {model} | {label} | {b} | {p['total_ms']:.1f} | {shares} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
