@@ -133,10 +133,15 @@ def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
                                                  node.output[0]))
         else:
             keep.append(node)
+    return _replace_nodes(model, keep, added)
+
+
+def _replace_nodes(model: onnx.ModelProto, nodes: list, added: list) -> onnx.ModelProto:
+    """The graph's nodes become `nodes`, `added` initializers join, initializers nobody reads go."""
     del model.graph.node[:]
-    model.graph.node.extend(keep)
+    model.graph.node.extend(nodes)
     model.graph.initializer.extend(added)
-    used = {name for node in keep for name in node.input} | {o.name for o in model.graph.output}
+    used = {name for node in nodes for name in node.input} | {o.name for o in model.graph.output}
     live = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(live)
@@ -237,14 +242,7 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     needed = {name for node in nodes for name in node.input}
     nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # split sizes, squeeze axes
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(added)
-    used = {name for node in nodes for name in node.input} | {o.name for o in model.graph.output}
-    live = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(live)
-    return model
+    return _replace_nodes(model, nodes, added)
 
 
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
