@@ -80,9 +80,8 @@ def main():
         calibrate(s, real_calib)
         quants = quant_modules(s)
         groups = {}
-        for n in quants:
-            key = n.split(".")[-1] if n.startswith("blocks.") else n
-            groups.setdefault(("blocks.*." + ".".join(n.split(".")[2:])) if n.startswith("blocks.") else n, []).append(n)
+        for n in quants:  # one group per quantizer role, over all blocks (blocks.*.attn.qkv.input_quant, ...)
+            groups.setdefault("blocks.*." + n.split(".", 2)[2] if n.startswith("blocks.") else n, []).append(n)
         for gname, names in groups.items():
             for n, q in quants.items():
                 q.enabled = n in names
