@@ -42,6 +42,7 @@ class SynthesisRecipe:
     flip: bool = True
     color_shift: float = 0.1    # std of a per-image, per-channel offset (normalized units)
     noise: float = 0.05         # std of per-pixel noise added each step
+    init_std: float = 1.0       # std of the starting Gaussian noise (normalized units)
     patch_entropy: float = 0.0  # MaskAQ option: weight of the patch-similarity entropy bonus (0: off)
     mask_align: float = 0.0     # MaskAQ option: weight of masked attention alignment with a quantized student (0: off)
     keep_start: float = 0.5     # share of patches kept as informative at the first step ...
@@ -153,7 +154,7 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
     shape = (n, *data_cfg["input_size"])
     labels = torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
-    x = torch.randn(shape, generator=gen).to(device)
+    x = (torch.randn(shape, generator=gen) * recipe.init_std).to(device)
     lo, hi = pixel_bounds(data_cfg, device)
     x = torch.maximum(torch.minimum(x, hi), lo)
     losses = {}

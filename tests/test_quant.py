@@ -119,3 +119,16 @@ def test_activation_step_estimators():
     assert mse < 40.0 / 3 / 4  # one outlier does not set the range
     with pytest.raises(ValueError):
         activation_step(x, -4, 3, "median")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_student_of_a_cuda_teacher_lives_on_cuda(teacher):
+    """quantize_model creates its quantizers on the CPU; a teacher on CUDA must get them on CUDA
+    (fine-tuning on a GPU failed with 'found at least two devices' before)."""
+    import copy
+
+    from mimiq_deploy.finetune import build_student
+
+    student = build_student(copy.deepcopy(teacher).cuda(), parse_bits("w3a3"))
+    assert {p.device.type for p in student.parameters()} == {"cuda"}
+    assert student(torch.randn(2, 1, 28, 28, device="cuda")).device.type == "cuda"

@@ -52,6 +52,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         # the first layer (the patch embedding's first conv) is the one that reads the image
         setattr(parent, child, _quantized_copy(module, cfg, is_input_layer=i == 0 and isinstance(module, nn.Conv2d)))
+    # new quantizers are created on the CPU: move them to where the model lives (a teacher on CUDA)
+    device = next(model.parameters()).device
+    for q in quant_modules(model).values():
+        q.to(device)
     model.quant_config = cfg
     return model
 
