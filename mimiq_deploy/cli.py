@@ -10,7 +10,8 @@ from .errors import MimiqError
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
                             help="fmnist-vit (embedded), or a timm model name.")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                                 help="Weights for a timm model: a state dict or a checkpoint with a 'model' key.")
+                                 help="Weights for a timm model (a state dict or a checkpoint with a 'model' key), or, "
+                                      "with fmnist-vit, a checkpoint written by `mimiq-deploy teacher train`.")
 
 recipe_option = click.option("--recipe", type=click.Path(path_type=Path), default=None,
                              help="Calibration recipe TOML (default: calib/<model>.toml when present, "
@@ -333,6 +334,8 @@ def teacher_train(recipe, out, data_dir, epochs, train_subset):
     m = train_teacher(r, out, data_dir)
     click.echo(f"teacher: {m['params'] / 1e6:.2f} M params, val top-1 {m['val_top1']:.2f}%, "
                f"test top-1 {m['test_top1']:.2f}%, {m['train_minutes']:.1f} min -> {out}")
+    if out != default_teacher_path():
+        click.echo(f"use it with any verb: --model fmnist-vit --checkpoint {out}")
 
 
 

@@ -77,15 +77,27 @@ def _load_into(model: nn.Module, sd: dict, what: str, name: str) -> None:
     model.load_state_dict(sd)
 
 
+def is_teacher_checkpoint(ckpt: dict) -> bool:
+    """Written by `mimiq-deploy teacher train`: it carries its architecture and preprocessing."""
+    return isinstance(ckpt.get("arch"), dict) and isinstance(ckpt.get("pretrained_cfg"), dict) and "model" in ckpt
+
+
+def _teacher_from_checkpoint(ckpt: dict, what: str, name: str) -> nn.Module:
+    """The fmnist-vit family at whatever width, depth, heads or stem the training recipe chose."""
+    try:
+        model = build_fmnist_vit(ckpt["arch"])
+    except TypeError as e:  # an arch key VisionTransformer does not know
+        raise MimiqError(f"{what} has an architecture this version cannot build: {e}") from None
+    _load_into(model, ckpt["model"], what, name)
+    model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
+    return model
+
+
 def _load_embedded(name: str) -> nn.Module:
     path = EMBEDDED[name]
     if not path.exists():
         raise MimiqError(f"embedded weights missing at {path}: run `mimiq-deploy teacher train`")
-    ckpt = _read_checkpoint(path)
-    model = build_fmnist_vit(ckpt["arch"])
-    _load_into(model, ckpt["model"], f"embedded weights {path}", name)
-    model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
-    return model
+    return _teacher_from_checkpoint(_read_checkpoint(path), f"embedded weights {path}", name)
 
 
 def _has_cached_weights(name: str) -> bool:
@@ -111,17 +123,27 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
     weights come from that file (a plain state dict or a checkpoint with a 'model' entry);
     without it, from timm's pretrained weights in the local Hugging Face / torch hub cache.
     The model's preprocessing is `model.pretrained_cfg` (input_size, mean, std).
-    A path to a fine-tuned `student.pt` loads that fake-quant student.
+    With 'fmnist-vit', `checkpoint` may be any checkpoint `mimiq-deploy teacher train` wrote (it
+    carries its architecture). A path as `name` loads that teacher checkpoint, or that fine-tuned
+    `student.pt` as its fake-quant student.
     """
-    if name.endswith(".pt") or os.sep in name:
+    if name.endswith(".pt") or os.sep in name:  # a path: a student, or a teacher from `teacher train`
         from .finetune import load_student
         if not Path(name).is_file():
-            raise MimiqError(f"student checkpoint not found: {name}")
-        return load_student(Path(name))
-    if name in EMBEDDED:
-        if checkpoint is not None:
-            raise MimiqError(f"{name} is embedded: drop --checkpoint, or pass a timm model name with it")
-        model = _load_embedded(name)
+            raise MimiqError(f"checkpoint not found: {name}")
+        ckpt = _read_checkpoint(Path(name))
+        if not is_teacher_checkpoint(ckpt):
+            return load_student(Path(name))
+        model = _teacher_from_checkpoint(ckpt, f"teacher checkpoint {name}", name)
+    elif name in EMBEDDED:
+        if checkpoint is None:
+            model = _load_embedded(name)
+        else:
+            ckpt = _read_checkpoint(Path(checkpoint))
+            if not is_teacher_checkpoint(ckpt):
+                raise MimiqError(f"{checkpoint} is not a `mimiq-deploy teacher train` checkpoint (no architecture in it): "
+                                 f"{name} takes only those; for timm weights pass a timm model name with --checkpoint")
+            model = _teacher_from_checkpoint(ckpt, f"teacher checkpoint {checkpoint}", name)
     else:
         if not timm.is_model(name):
             raise MimiqError(f"unknown model {name!r}: use {DEFAULT_MODEL}, or a timm model name "

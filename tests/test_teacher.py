@@ -76,3 +76,43 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "straight.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trained_teacher_of_another_architecture_runs_through_every_verb(tmp_path, cli):
+    """`teacher train` writes a checkpoint that carries its architecture: every verb loads it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_fmnist(data)
+    recipe = tmp_path / "teacher.toml"
+    recipe.write_text("epochs = 1\nbatch_size = 32\nval_size = 32\n[arch]\nimg_size = 28\npatch_size = 7\n"
+                      "in_chans = 1\nnum_classes = 10\nembed_dim = 32\ndepth = 2\nnum_heads = 2\nmlp_ratio = 2.0\n"
+                      'stem = "patchify"\n')
+    ckpt = tmp_path / "my-teacher.pt"
+    r = cli("teacher", "train", "--recipe", recipe, "--out", ckpt, "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    assert f"--model fmnist-vit --checkpoint {ckpt}" in r.stdout
+
+    by_flag = cli("eval", "--model", "fmnist-vit", "--checkpoint", ckpt, "--data-dir", data, "--json")
+    by_path = cli("eval", "--model", ckpt, "--data-dir", data, "--json")
+    assert by_flag.returncode == 0 and by_path.returncode == 0, by_flag.stderr + by_path.stderr
+    assert json.loads(by_flag.stdout)["n"] == 32
+    assert json.loads(by_flag.stdout)["top1"] == json.loads(by_path.stdout)["top1"]
+    model = load_model("fmnist-vit", ckpt)
+    assert model.embed_dim == 32 and len(model.blocks) == 2 and model.patch_embed.grid_size == (4, 4)
+
+    run = tmp_path / "run"
+    teacher_args = ("--model", "fmnist-vit", "--checkpoint", ckpt)
+    r = cli("synthesize", *teacher_args, "--out", run, "--num-images", 8, "--batch-size", 8, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    r = cli("finetune", *teacher_args, "--data", run, "--bits", "w4a8", "--epochs", 1, "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    r = cli("export", run)
+    assert r.returncode == 0, r.stderr
+    r = cli("eval", "--model", run / "student.pt", "--data-dir", data, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 32
+
+    # the embedded name with a checkpoint that is not a teacher-train checkpoint: one line, no traceback
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    r = cli("eval", "--model", "fmnist-vit", "--checkpoint", tmp_path / "plain.pt", "--data-dir", data)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "teacher train" in r.stderr
