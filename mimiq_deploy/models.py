@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer  # noqa: E402
 
 from .attention import capture_attention  # noqa: E402
-from .errors import MimiqError  # noqa: E402
+from .errors import MimiqError, load_torch_file  # noqa: E402
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fmnist-vit"
@@ -40,15 +40,21 @@ def build_fmnist_vit(arch: dict) -> VisionTransformer:
     return model
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise MimiqError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise MimiqError(f"cannot read checkpoint {path} (corrupt or not a torch file): {type(e).__name__}") from None
+def _read_checkpoint(path: Path, trust: bool = False, what: str = "checkpoint") -> dict:
+    """A checkpoint's dict, loaded without running code: .safetensors, or a torch file (see load_torch_file)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise MimiqError(f"{what} not found: {path}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MimiqError(f"cannot read {what} {path} (corrupt or not safetensors): {e}") from None
+    ckpt = load_torch_file(path, what, trust=trust)
     if not isinstance(ckpt, dict):
-        raise MimiqError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict")
+        raise MimiqError(f"{what} {path} holds a {type(ckpt).__name__}, expected a state dict")
     return ckpt
 
 
@@ -104,7 +110,7 @@ def _has_cached_weights(name: str) -> bool:
     return False
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True) -> nn.Module:
+def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True, trust: bool = False) -> nn.Module:
     """Load a teacher in eval mode, its attention captured (see attention.py).
 
     name: the embedded default ('fmnist-vit'), or a timm model name. With `checkpoint`, the
@@ -112,12 +118,14 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
     without it, from timm's pretrained weights in the local Hugging Face / torch hub cache.
     The model's preprocessing is `model.pretrained_cfg` (input_size, mean, std).
     A path to a fine-tuned `student.pt` loads that fake-quant student.
+    trust: unpickle the checkpoint fully (`--trust-checkpoint`); by default a checkpoint that
+    needs more than tensors and plain values is refused, since unpickling it could run code.
     """
     if name.endswith(".pt") or os.sep in name:
         from .finetune import load_student
         if not Path(name).is_file():
             raise MimiqError(f"student checkpoint not found: {name}")
-        return load_student(Path(name))
+        return load_student(Path(name), trust=trust)
     if name in EMBEDDED:
         if checkpoint is not None:
             raise MimiqError(f"{name} is embedded: drop --checkpoint, or pass a timm model name with it")
@@ -127,7 +135,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
             raise MimiqError(f"unknown model {name!r}: use {DEFAULT_MODEL}, or a timm model name "
                              "(e.g. deit_tiny_patch16_224) with --checkpoint PATH")
         if checkpoint is not None:
-            sd = _state_dict_of(_read_checkpoint(Path(checkpoint)))
+            sd = _state_dict_of(_read_checkpoint(Path(checkpoint), trust))
             head = sd.get("head.weight")
             kwargs = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
             model = timm.create_model(name, pretrained=False, **kwargs)

@@ -34,8 +34,10 @@ def _json(path: Path) -> dict | None:
 
 def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path, recipe_path: Path | None,
              export_config: Path | None, val_dir: Path | None = None, data_dir: Path | None = None,
-             verify_limit: int | None = None, echo=print) -> dict:
-    """Run (or resume) every stage; returns the report (also written as report.json / report.md)."""
+             verify_limit: int | None = None, echo=print, trust: bool = False) -> dict:
+    """Run (or resume) every stage; returns the report (also written as report.json / report.md).
+
+    trust: unpickle the teacher checkpoint fully (`--trust-checkpoint`), see models.load_model."""
     from .bench import bench
     from .build import build
     from .export import export_student, load_export_config
@@ -52,7 +54,7 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     synth_recipe = load_synthesis_recipe(recipe_path, {})
     ft_recipe = load_finetune_recipe(recipe_path, {})
     export_cfg = load_export_config(export_config)
-    teacher = load_model(model_name, checkpoint)
+    teacher = load_model(model_name, checkpoint, trust=trust)
     timings = _json(run_dir / "timings.json") or {}
 
     def stage(name, done, fn):
@@ -84,13 +86,14 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
                                                 synth_recipe=synth_recipe))
     exp = _json(run_dir / "export" / "export.json")
     stage("export", exp is not None and exp.get("bits") == cfg.name and exp.get("config") == dataclasses.asdict(export_cfg),
-          lambda: export_student(load_student(run_dir / "student.pt"), run_dir, export_cfg, progress=echo))
+          lambda: export_student(load_student(run_dir / "student.pt", trust=trust), run_dir, export_cfg, progress=echo))
     for later in ("build.json", "verify.json", "bench.json"):  # a new export invalidates what follows
         if "export" in timings and (run_dir / later).exists() and \
                 (run_dir / later).stat().st_mtime < (run_dir / "export" / "export.json").stat().st_mtime:
             (run_dir / later).unlink()
     stage("build", (run_dir / "build.json").exists(), lambda: build(run_dir, progress=echo))
-    stage("verify", (run_dir / "verify.json").exists(), lambda: verify(run_dir, val_dir, data_dir, verify_limit))
+    stage("verify", (run_dir / "verify.json").exists(),
+          lambda: verify(run_dir, val_dir, data_dir, verify_limit, trust=trust))
     stage("bench", (run_dir / "bench.json").exists(), lambda: bench(run_dir, export_cfg.batch_sizes,
                                                                         min_seconds=export_cfg.bench_seconds, progress=echo))
     return write_report(run_dir, teacher, model_name, recipe_path, timings, val_dir, data_dir)

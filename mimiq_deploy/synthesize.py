@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .attention import attention_modules, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save, atomic_write_json
+from .errors import MimiqError, atomic_torch_save, atomic_write_json, load_torch_file
 from .similarity import head_pair_ssim
 
 SYNTH_DIR = "synth"
@@ -329,7 +329,7 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     """Summarize the finished shards (losses, teacher accuracy) into the manifest."""
     path = manifest_path(run_dir)
     manifest = json.loads(path.read_text())
-    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    shards = read_shards(run_dir, manifest["num_shards"])
     n = sum(len(s["labels"]) for s in shards)
     stats = {}
     for key in ("ihc", "entropy", "align", "ce", "tv", "teacher_top1", "student_top1"):
@@ -348,6 +348,10 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     return manifest
 
 
+def read_shards(run_dir: Path, num_shards: int) -> list[dict]:
+    return [load_torch_file(shard_path(run_dir, s), "synthetic shard", own=True) for s in range(num_shards)]
+
+
 def is_complete(run_dir: Path) -> bool:
     path = manifest_path(run_dir)
     return path.exists() and json.loads(path.read_text()).get("complete", False)
@@ -362,7 +366,7 @@ def load_synthetic(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     missing = [s for s in range(manifest["num_shards"]) if not shard_path(run_dir, s).exists()]
     if missing:
         raise MimiqError(f"{run_dir} misses {len(missing)} of {manifest['num_shards']} shards: rerun synthesize to finish")
-    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    shards = read_shards(run_dir, manifest["num_shards"])
     return torch.cat([s["images"] for s in shards]).float(), torch.cat([s["labels"] for s in shards]), manifest
 
 

@@ -140,8 +140,8 @@ def test_refresh_during_finetuning_resumes_to_the_same_student(teacher, prior, t
     assert sy.shard_path(ft.refresh_dir(resumed, 1), 0).exists() and not (resumed / "student.pt").exists()
     monkeypatch.setattr(sy, "synthesize_batch", real_batch)
     finetune(teacher, "fmnist-vit", None, resumed, parse_bits("w4a4"), recipe, progress=False, synth_recipe=synth_recipe)
-    a = torch.load(straight / "student.pt", weights_only=False)["state_dict"]
-    b = torch.load(resumed / "student.pt", weights_only=False)["state_dict"]
+    a = torch.load(straight / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     load_student(resumed / "student.pt")
 
