@@ -3,16 +3,13 @@ timm weights already in the local cache. Never downloads."""
 import os
 from pathlib import Path
 
-# Set before timm / huggingface_hub read it: weights come only from local files.
-os.environ["HF_HUB_OFFLINE"] = "1"
+import timm
+import torch
+from torch import nn
+from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer  # noqa: E402
-
-from .attention import capture_attention  # noqa: E402
-from .errors import MimiqError, load_torch_file  # noqa: E402
+from .attention import capture_attention
+from .errors import MimiqError, load_torch_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fmnist-vit"
@@ -94,20 +91,22 @@ def _load_embedded(name: str) -> nn.Module:
     return model
 
 
-def _has_cached_weights(name: str) -> bool:
-    """True when timm's pretrained weights for `name` are already on local disk."""
+def _cached_weights(name: str) -> str | None:
+    """The local file of timm's pretrained weights for `name` (Hugging Face or torch hub cache), or None."""
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
-        return False
+        return None
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
         repo = cfg.hf_hub_id.split("@")[0]
         for fname in (cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(repo, fname), str):
-                return True
+            found = try_to_load_from_cache(repo, fname)
+            if isinstance(found, str):
+                return found
     if cfg.url:
-        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)).exists()
-    return False
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        return str(path) if path.exists() else None
+    return None
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True, trust: bool = False) -> nn.Module:
@@ -141,10 +140,12 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
             model = timm.create_model(name, pretrained=False, **kwargs)
             _load_into(model, sd, f"checkpoint {checkpoint}", name)
         else:
-            if not _has_cached_weights(name):
+            cached = _cached_weights(name)
+            if cached is None:
                 raise MimiqError(f"no local pretrained weights for {name!r} (nothing is downloaded): "
                                  "pass --checkpoint PATH, or put the timm weights in the Hugging Face cache")
-            model = timm.create_model(name, pretrained=True)
+            # timm reads the named file (weights_only) instead of asking the hub: no network, no env change
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached})
     if not any(isinstance(m, TimmAttention) for m in model.modules()):
         raise MimiqError(f"{name!r} has no timm ViT Attention blocks: supported are ViT / DeiT models")
     if capture:
