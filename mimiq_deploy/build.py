@@ -13,8 +13,9 @@ import onnx
 from .backends import BACKENDS
 from .encoding import choose_encoding, encoding_of, host_graph
 from .errors import MimiqError, atomic_write_json
-from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
+from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
                      save_onnx)
+from .recipes import config_dir
 
 BUILD_FILE = "build.json"
 
@@ -136,7 +137,7 @@ def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg, 
     for name, template, src, dst, extra in entries:
         (tmp / name / "1").mkdir(parents=True)
         shutil.copy2(src, tmp / name / "1" / dst)
-        text = Template((TEMPLATES / template).read_text()).substitute(name=name, **values, **extra)
+        text = Template((config_dir("export") / "templates" / template).read_text()).substitute(name=name, **values, **extra)
         (tmp / name / "config.pbtxt").write_text(text)
     shutil.rmtree(repo, ignore_errors=True)
     tmp.rename(repo)

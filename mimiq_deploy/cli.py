@@ -55,15 +55,20 @@ def main():
 @click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder for verify.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--verify-limit", type=int, default=None, help="Verify on the first N eval images only.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and export config, run nothing.")
 def quantize(model_name, checkpoint, trust, bits, run_dir, recipe, preset, export_config, val_dir, data_dir,
-             verify_limit):
+             verify_limit, dry_run):
     """Everything: synthesize, finetune, export, build, verify, bench, report (resumable)."""
     from .quant import parse_bits
-    from .quantize import preset_recipe, quantize as run
+    from .quantize import describe_plan, preset_recipe, quantize as run
     from .report import format_summary
 
     parse_bits(bits)  # refuse a bad setting before any work
-    report = run(model_name, checkpoint, bits, run_dir, preset_recipe(preset, model_name, recipe), export_config,
+    recipe_path = preset_recipe(preset, model_name, recipe)
+    if dry_run:
+        click.echo(describe_plan(recipe_path, export_config))
+        return
+    report = run(model_name, checkpoint, bits, run_dir, recipe_path, export_config,
                  val_dir, data_dir, verify_limit, echo=click.echo, trust=trust)
     click.echo("")
     click.echo(format_summary(report))

@@ -31,7 +31,6 @@ FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantiz
 TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
 TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
 W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
-TEMPLATES = Path(__file__).resolve().parent.parent / "export" / "templates"
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import MimiqError, atomic_write_json
-from .recipes import CALIB_DIR, resolve_recipe_path
+from .recipes import config_dir, resolve_recipe_path
 
 PRESETS = {"fast": "fmnist-vit-fast.toml"}
 
@@ -25,7 +25,20 @@ def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> P
         raise MimiqError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     if model_name != "fmnist-vit":
         raise MimiqError(f"--preset {preset} is sized for the embedded fmnist-vit; pass --recipe for {model_name}")
-    return CALIB_DIR / PRESETS[preset]
+    return config_dir("calib") / PRESETS[preset]
+
+
+def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:
+    """What `quantize` would run with: the recipe and export config it resolved, and their values."""
+    from .export import load_export_config
+    from .finetune import load_finetune_recipe
+    from .synthesize import load_synthesis_recipe
+
+    return "\n".join([f"recipe: {recipe_path or 'built-in defaults'}",
+                      f"synthesize: {json.dumps(dataclasses.asdict(load_synthesis_recipe(recipe_path, {})))}",
+                      f"finetune: {json.dumps(dataclasses.asdict(load_finetune_recipe(recipe_path, {})))}",
+                      f"export config: {export_config or 'built-in defaults'}",
+                      f"export: {json.dumps(dataclasses.asdict(load_export_config(export_config)))}"])
 
 
 def _json(path: Path) -> dict | None:
