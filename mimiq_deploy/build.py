@@ -118,27 +118,62 @@ def read_build(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+PREPROCESSING_FILE = "preprocessing.json"
+LABELS_FILE = "labels.txt"
+
+
+def class_labels(pre: dict, num_classes: int) -> list[str] | None:
+    """Class names for Triton's classification extension: the model's own, else timm's ImageNet names
+    for an unchanged ImageNet head; None when unknown."""
+    names = pre.get("label_names")
+    if names and len(names) == num_classes:
+        return list(names)
+    if num_classes == pre.get("num_classes") == 1000:
+        from timm.data import ImageNetInfo
+        return ImageNetInfo().label_descriptions()
+    return None
+
+
+def preprocessing(pre: dict, num_classes: int, io_type: str, labels: bool) -> dict:
+    """What a client must do to an image before sending it, in machine-readable form."""
+    return {"input_name": "input", "input_dtype": io_type, "layout": "NCHW", "input_size": list(pre["input_size"]),
+            "pixel_scale": 1 / 255, "mean": list(pre["mean"]), "std": list(pre["std"]),
+            "normalize": "(pixel * pixel_scale - mean) / std, per channel",
+            "interpolation": pre.get("interpolation"), "crop_pct": pre.get("crop_pct"),
+            "crop_mode": pre.get("crop_mode"),
+            "output_name": "logits", "num_classes": num_classes, "label_file": LABELS_FILE if labels else None}
+
+
 def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg, onnx_path: Path) -> Path:
-    """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}."""
+    """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}, with
+    <model>/preprocessing.json (mean, std, input size, layout) and <model>/labels.txt where the classes are known."""
     pre = manifest["pretrained_cfg"]
+    num_classes = manifest.get("num_classes") or pre.get("num_classes", 1000)
+    labels = class_labels(pre, num_classes)
     base = (manifest.get("model_name") or "model").replace("-", "_").replace("/", "_") + "_" + manifest["bits"]
     values = {"max_batch": cfg.max_batch, "dims": ", ".join(str(d) for d in pre["input_size"]),
-              "num_classes": pre.get("num_classes", 1000), "mean": pre.get("mean"), "std": pre.get("std"),
-              "input_size": pre.get("input_size")}
+              "num_classes": num_classes,
+              "label_filename": f'\n    label_filename: "{LABELS_FILE}"' if labels else ""}
     repo = Path(run_dir) / "model_repository"
     tmp = repo.with_name("model_repository.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     entries = [(f"{base}_onnx", "onnxruntime.pbtxt", onnx_path, "model.onnx",
-                {"instance_kind": "KIND_AUTO"})]
+                {"instance_kind": "KIND_AUTO", "io_type": "TYPE_FP32"})]
     trt = artifacts.get(f"trt-{manifest['bits']}")
     if trt:
         entries.append((f"{base}_trt", "tensorrt_plan.pbtxt", Path(trt["path"]), "model.plan",
                         {"io_type": "TYPE_FP16" if cfg.fp16_io else "TYPE_FP32", "precision": trt["precision"]}))
+    templates = config_dir("export") / "templates"
     for name, template, src, dst, extra in entries:
         (tmp / name / "1").mkdir(parents=True)
         shutil.copy2(src, tmp / name / "1" / dst)
-        text = Template((config_dir("export") / "templates" / template).read_text()).substitute(name=name, **values, **extra)
+        text = Template((templates / template).read_text()).substitute(name=name, **values, **extra)
         (tmp / name / "config.pbtxt").write_text(text)
+        io_type = "float16" if extra["io_type"] == "TYPE_FP16" else "float32"
+        pre_json = preprocessing(pre, num_classes, io_type, bool(labels))
+        (tmp / name / PREPROCESSING_FILE).write_text(json.dumps(pre_json, indent=2) + "\n")
+        if labels:
+            (tmp / name / LABELS_FILE).write_text("\n".join(labels) + "\n")
     shutil.rmtree(repo, ignore_errors=True)
     tmp.rename(repo)
     return repo

@@ -256,7 +256,8 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         save_onnx(graph, out_dir / name)
         progress(f"wrote {out_dir / name}")
     manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
-                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None)}
+                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None),
+                "num_classes": student.num_classes}  # the head's, which a checkpoint may change from pretrained_cfg
     atomic_write_json(out_dir / "export.json", manifest)
     return manifest
 
