@@ -161,7 +161,7 @@ def test_quantize_with_maskaq_recipe(cli, tmp_path):
                       "patch_entropy = 0.1\n[finetune]\nepochs = 2\nbatch_size = 8\nmilestones = [1]\n"
                       "calib_images = 16\nrefresh_every = 1\nrefresh_fraction = 0.5\nhad_token_weight = true\n")
     export_cfg = tmp_path / "export.toml"
-    export_cfg.write_text("batch_sizes = [1]\nbench_seconds = 0.1\nmin_agreement = 0.0\nmin_cosine = 0.0\n")
+    export_cfg.write_text("batch_sizes = [1]\nbench_seconds = 0.1\n")  # the default verify thresholds apply
     run = tmp_path / "run"
     r = cli("quantize", "--bits", "w4a8", "--out", run, "--recipe", recipe, "--export-config", export_cfg,
             "--verify-limit", 100)
