@@ -12,9 +12,9 @@ import onnx
 
 from .backends import BACKENDS
 from .encoding import choose_encoding, encoding_of, host_graph
-from .errors import MimiqError, atomic_write_json
+from .errors import MimiqError, atomic_write_json, read_json
 from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
-                     save_onnx)
+                     read_onnx, save_onnx)
 from .recipes import config_dir
 
 BUILD_FILE = "build.json"
@@ -24,7 +24,7 @@ def read_export_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / EXPORT_DIR / "export.json"
     if not path.exists():
         raise MimiqError(f"no exported graphs in {run_dir} ({path} missing): run `mimiq-deploy export {run_dir}` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
@@ -34,14 +34,14 @@ def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
     that W4A8 runs on the integer kernels of W8A8. INT4 students also keep the packed-INT4 graph (smaller on
     disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
     out = {}
-    model = onnx.load(str(exp / QDQ_ONNX))
+    model = read_onnx(exp / QDQ_ONNX)
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     main = exp / f"model_qdq.{encoding}.onnx"
     save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
     out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
     if packed:
         small = exp / f"model_qdq_int4.{encoding}.onnx"
-        save_onnx(host_graph(onnx.load(str(exp / QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
+        save_onnx(host_graph(read_onnx(exp / QDQ_ONNX), encoding, int4_weights_to_int8=False), small)
         if small.stat().st_size < main.stat().st_size:
             out["-int4"] = (small, f"{bits} QDQ, {encoding}, packed INT4 weights (smallest on disk)")
         else:
@@ -106,7 +106,7 @@ def build(run_dir: Path, progress=print, encoding: str | None = None) -> dict:
         progress(reason)
     write_model_repository(run_dir, manifest, artifacts, cfg, main_path)
     result = {"bits": bits, "artifacts": artifacts, "skipped": skipped,
-              "ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(onnx.load(str(main_path)))}}
+              "ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(read_onnx(main_path))}}
     atomic_write_json(run_dir / BUILD_FILE, result)
     return result
 
@@ -115,7 +115,7 @@ def read_build(run_dir: Path) -> dict:
     path = Path(run_dir) / BUILD_FILE
     if not path.exists():
         raise MimiqError(f"no built artifacts in {run_dir}: run `mimiq-deploy build {run_dir}` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 PREPROCESSING_FILE = "preprocessing.json"

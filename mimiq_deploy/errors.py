@@ -1,5 +1,6 @@
 """One exception type for every user-facing mistake; the CLI prints it as one line."""
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -64,6 +65,35 @@ def load_torch_file(path, what: str = "checkpoint", trust: bool = False, own: bo
                          f"{type(e).__name__}") from None
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir, verb: str = "quantize"):
+    """Hold run_dir/.lock for a whole run, so a second run on the same directory refuses with one line.
+    An flock belongs to its process: a killed run leaves the file but not the lock."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise MimiqError(f"{run_dir} is in use by another {verb} run ({holder}): wait for it to finish, "
+                         "or pass another --out") from None
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def atomic_write_text(path, text: str) -> None:
     """Text written under a temporary name, then renamed: a file that exists is complete."""
     path = Path(path)
@@ -71,6 +101,15 @@ def atomic_write_text(path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_json(path) -> dict:
+    """A JSON record of the run directory; a corrupt or truncated one is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MimiqError(f"{path} is corrupt or truncated ({e.__class__.__name__}): remove it and rerun the stage "
+                         "that wrote it") from None
 
 
 def atomic_write_json(path, obj) -> None:

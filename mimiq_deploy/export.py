@@ -205,6 +205,18 @@ def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
                                                 disable_shape_infer=False)
 
 
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX file of the run directory; a missing, corrupt or truncated one is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimiqError(f"ONNX file not found: {path} (run `mimiq-deploy export` again)")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, onnx its own types
+        raise MimiqError(f"cannot read {path} as ONNX (corrupt or truncated; run `mimiq-deploy export` again): "
+                         f"{type(e).__name__}") from None
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Validate, then write atomically."""
     onnx.checker.check_model(model, full_check=True)
