@@ -6,14 +6,13 @@ times), so that a shared or throttling host slows them alike and their ratios ho
 timed with a wall clock around `run`; TensorRT with CUDA events on its stream. Warm-up runs come
 first and are not counted.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .backends import BACKENDS
-from .build import read_build
+from .build import read_build, read_export_manifest
 from .errors import atomic_write_json
 
 BENCH_FILE = "bench.json"
@@ -87,7 +86,7 @@ def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 
           profile_runs: int = 10, progress=print) -> dict:
     run_dir = Path(run_dir)
     built = read_build(run_dir)
-    shape = tuple(json.loads((run_dir / "export" / "export.json").read_text())["pretrained_cfg"]["input_size"])
+    shape = tuple(read_export_manifest(run_dir)["pretrained_cfg"]["input_size"])
     arts = {name: art for name, art in built["artifacts"].items()
             if not art.get("reference")}  # references are for correctness, not deployment candidates
     runs = {name: BACKENDS[art["backend"]].load(Path(art["path"]), provider=art.get("provider"))

@@ -12,9 +12,10 @@ import onnx
 
 from .backends import BACKENDS
 from .encoding import choose_encoding, encoding_of, host_graph
-from .errors import MimiqError, atomic_write_json
-from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TEMPLATES, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
-                     save_onnx)
+from .errors import MimiqError, atomic_write_json, read_json
+from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
+                     read_onnx, save_onnx)
+from .recipes import config_dir
 
 BUILD_FILE = "build.json"
 
@@ -23,7 +24,7 @@ def read_export_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / EXPORT_DIR / "export.json"
     if not path.exists():
         raise MimiqError(f"no exported graphs in {run_dir} ({path} missing): run `mimiq-deploy export {run_dir}` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
@@ -33,14 +34,14 @@ def host_graphs(exp: Path, bits: str, encoding: str) -> dict:
     that W4A8 runs on the integer kernels of W8A8. INT4 students also keep the packed-INT4 graph (smaller on
     disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
     out = {}
-    model = onnx.load(str(exp / QDQ_ONNX))
+    model = read_onnx(exp / QDQ_ONNX)
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     main = exp / f"model_qdq.{encoding}.onnx"
     save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
     out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
     if packed:
         small = exp / f"model_qdq_int4.{encoding}.onnx"
-        save_onnx(host_graph(onnx.load(str(exp / QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
+        save_onnx(host_graph(read_onnx(exp / QDQ_ONNX), encoding, int4_weights_to_int8=False), small)
         if small.stat().st_size < main.stat().st_size:
             out["-int4"] = (small, f"{bits} QDQ, {encoding}, packed INT4 weights (smallest on disk)")
         else:
@@ -105,7 +106,7 @@ def build(run_dir: Path, progress=print, encoding: str | None = None) -> dict:
         progress(reason)
     write_model_repository(run_dir, manifest, artifacts, cfg, main_path)
     result = {"bits": bits, "artifacts": artifacts, "skipped": skipped,
-              "ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(onnx.load(str(main_path)))}}
+              "ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(read_onnx(main_path))}}
     atomic_write_json(run_dir / BUILD_FILE, result)
     return result
 
@@ -114,30 +115,65 @@ def read_build(run_dir: Path) -> dict:
     path = Path(run_dir) / BUILD_FILE
     if not path.exists():
         raise MimiqError(f"no built artifacts in {run_dir}: run `mimiq-deploy build {run_dir}` first")
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+PREPROCESSING_FILE = "preprocessing.json"
+LABELS_FILE = "labels.txt"
+
+
+def class_labels(pre: dict, num_classes: int) -> list[str] | None:
+    """Class names for Triton's classification extension: the model's own, else timm's ImageNet names
+    for an unchanged ImageNet head; None when unknown."""
+    names = pre.get("label_names")
+    if names and len(names) == num_classes:
+        return list(names)
+    if num_classes == pre.get("num_classes") == 1000:
+        from timm.data import ImageNetInfo
+        return ImageNetInfo().label_descriptions()
+    return None
+
+
+def preprocessing(pre: dict, num_classes: int, io_type: str, labels: bool) -> dict:
+    """What a client must do to an image before sending it, in machine-readable form."""
+    return {"input_name": "input", "input_dtype": io_type, "layout": "NCHW", "input_size": list(pre["input_size"]),
+            "pixel_scale": 1 / 255, "mean": list(pre["mean"]), "std": list(pre["std"]),
+            "normalize": "(pixel * pixel_scale - mean) / std, per channel",
+            "interpolation": pre.get("interpolation"), "crop_pct": pre.get("crop_pct"),
+            "crop_mode": pre.get("crop_mode"),
+            "output_name": "logits", "num_classes": num_classes, "label_file": LABELS_FILE if labels else None}
 
 
 def write_model_repository(run_dir: Path, manifest: dict, artifacts: dict, cfg, onnx_path: Path) -> Path:
-    """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}."""
+    """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}, with
+    <model>/preprocessing.json (mean, std, input size, layout) and <model>/labels.txt where the classes are known."""
     pre = manifest["pretrained_cfg"]
+    num_classes = manifest.get("num_classes") or pre.get("num_classes", 1000)
+    labels = class_labels(pre, num_classes)
     base = (manifest.get("model_name") or "model").replace("-", "_").replace("/", "_") + "_" + manifest["bits"]
     values = {"max_batch": cfg.max_batch, "dims": ", ".join(str(d) for d in pre["input_size"]),
-              "num_classes": pre.get("num_classes", 1000), "mean": pre.get("mean"), "std": pre.get("std"),
-              "input_size": pre.get("input_size")}
+              "num_classes": num_classes,
+              "label_filename": f'\n    label_filename: "{LABELS_FILE}"' if labels else ""}
     repo = Path(run_dir) / "model_repository"
     tmp = repo.with_name("model_repository.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     entries = [(f"{base}_onnx", "onnxruntime.pbtxt", onnx_path, "model.onnx",
-                {"instance_kind": "KIND_AUTO"})]
+                {"instance_kind": "KIND_AUTO", "io_type": "TYPE_FP32"})]
     trt = artifacts.get(f"trt-{manifest['bits']}")
     if trt:
         entries.append((f"{base}_trt", "tensorrt_plan.pbtxt", Path(trt["path"]), "model.plan",
                         {"io_type": "TYPE_FP16" if cfg.fp16_io else "TYPE_FP32", "precision": trt["precision"]}))
+    templates = config_dir("export") / "templates"
     for name, template, src, dst, extra in entries:
         (tmp / name / "1").mkdir(parents=True)
         shutil.copy2(src, tmp / name / "1" / dst)
-        text = Template((TEMPLATES / template).read_text()).substitute(name=name, **values, **extra)
+        text = Template((templates / template).read_text()).substitute(name=name, **values, **extra)
         (tmp / name / "config.pbtxt").write_text(text)
+        io_type = "float16" if extra["io_type"] == "TYPE_FP16" else "float32"
+        pre_json = preprocessing(pre, num_classes, io_type, bool(labels))
+        (tmp / name / PREPROCESSING_FILE).write_text(json.dumps(pre_json, indent=2) + "\n")
+        if labels:
+            (tmp / name / LABELS_FILE).write_text("\n".join(labels) + "\n")
     shutil.rmtree(repo, ignore_errors=True)
     tmp.rename(repo)
     return repo

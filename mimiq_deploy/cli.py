@@ -10,8 +10,13 @@ from .errors import MimiqError
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
                             help="fmnist-vit (embedded), or a timm model name.")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                                 help="Weights for a timm model (a state dict or a checkpoint with a 'model' key), or, "
-                                      "with fmnist-vit, a checkpoint written by `mimiq-deploy teacher train`.")
+                                 help="Weights for a timm model (a state dict or a checkpoint with a 'model' key; "
+                                      ".pt / .pth, or .safetensors), or, with fmnist-vit, a checkpoint written by "
+                                      "`mimiq-deploy teacher train`.")
+trust_option = click.option("--trust-checkpoint", "trust", is_flag=True,
+                            help="Unpickle the checkpoint fully, the old way. Only for files from a trusted source: "
+                                 "unpickling can run code. Without it, a checkpoint needing more than tensors and "
+                                 "plain values is refused.")
 
 recipe_option = click.option("--recipe", type=click.Path(path_type=Path), default=None,
                              help="Calibration recipe TOML (default: calib/<model>.toml when present, "
@@ -41,6 +46,7 @@ def main():
 @main.command()
 @model_option
 @checkpoint_option
+@trust_option
 @click.option("--bits", default="w4a8", show_default=True, help="wXaY: X-bit weights, Y-bit activations.")
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @recipe_option
@@ -50,15 +56,21 @@ def main():
 @click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder for verify.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--verify-limit", type=int, default=None, help="Verify on the first N eval images only.")
-def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_config, val_dir, data_dir, verify_limit):
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and export config, run nothing.")
+def quantize(model_name, checkpoint, trust, bits, run_dir, recipe, preset, export_config, val_dir, data_dir,
+             verify_limit, dry_run):
     """Everything: synthesize, finetune, export, build, verify, bench, report (resumable)."""
     from .quant import parse_bits
-    from .quantize import preset_recipe, quantize as run
+    from .quantize import describe_plan, preset_recipe, quantize as run
     from .report import format_summary
 
     parse_bits(bits)  # refuse a bad setting before any work
-    report = run(model_name, checkpoint, bits, run_dir, preset_recipe(preset, model_name, recipe), export_config,
-                 val_dir, data_dir, verify_limit, echo=click.echo)
+    recipe_path = preset_recipe(preset, model_name, recipe)
+    if dry_run:
+        click.echo(describe_plan(recipe_path, export_config))
+        return
+    report = run(model_name, checkpoint, bits, run_dir, recipe_path, export_config,
+                 val_dir, data_dir, verify_limit, echo=click.echo, trust=trust)
     click.echo("")
     click.echo(format_summary(report))
     click.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
@@ -70,16 +82,17 @@ def quantize(model_name, checkpoint, bits, run_dir, recipe, preset, export_confi
 @main.command("eval")
 @model_option
 @checkpoint_option
+@trust_option
 @click.option("--val-dir", type=click.Path(path_type=Path), help="ImageNet-style folder of synset subfolders.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
+def eval_cmd(model_name, checkpoint, trust, val_dir, data_dir, batch_size, as_json):
     """Top-1 accuracy of a model on its eval set."""
     from .evaluate import eval_dataset, evaluate
     from .models import load_model
 
-    model = load_model(model_name, checkpoint)
+    model = load_model(model_name, checkpoint, trust=trust)
     dataset, dataset_name = eval_dataset(model, val_dir, data_dir)
     result = {"model": model_name, "dataset": dataset_name, **evaluate(model, dataset, batch_size, progress=not as_json)}
     if as_json:
@@ -92,6 +105,7 @@ def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
 @main.command()
 @model_option
 @checkpoint_option
+@trust_option
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @click.option("--num-images", type=int, default=None, help="Images to synthesize.")
 @click.option("--batch-size", type=int, default=None, help="Images per optimization batch (= per shard).")
@@ -106,7 +120,7 @@ def eval_cmd(model_name, checkpoint, val_dir, data_dir, batch_size, as_json):
               help="MaskAQ option: weight of masked attention alignment with --align-student (0: off).")
 @click.option("--align-student", type=click.Path(path_type=Path), default=None,
               help="student.pt to align with (a PTQ student: `mimiq-deploy finetune --epochs 0`).")
-def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only,
+def synthesize(model_name, checkpoint, trust, run_dir, num_images, batch_size, steps, seed, recipe, no_ihc, noise_only,
                patch_entropy, mask_align, align_student):
     """MimiQ synthetic calibration images (resumable, shards split across torchrun ranks)."""
     from .models import load_model
@@ -120,11 +134,12 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
     student = tag = None
     if align_student is not None:
         from .finetune import load_student
-        student = load_student(align_student)
+        student = load_student(align_student, trust=trust)
         if student.model_name != model_name:
             raise MimiqError(f"{align_student} is a student of {student.model_name!r}, not of {model_name!r}")
         tag = f"{student.quant_config.name} student {Path(align_student).resolve()}"
-    manifest = run(load_model(model_name, checkpoint), model_name, run_dir, r, student=student, student_tag=tag)
+    manifest = run(load_model(model_name, checkpoint, trust=trust), model_name, run_dir, r, student=student,
+                   student_tag=tag)
     losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest["final_losses"].items())
     click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
 
@@ -132,6 +147,7 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
 @main.command()
 @model_option
 @checkpoint_option
+@trust_option
 @click.option("--data", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run directory holding the synthetic images.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -149,8 +165,8 @@ def synthesize(model_name, checkpoint, run_dir, num_images, batch_size, steps, s
 @click.option("--refresh-fraction", type=float, default=None, help="Share of the set renewed per refresh.")
 @click.option("--seed", type=int, default=None)
 @recipe_option
-def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had, had_token_weight,
-             refresh_every, refresh_fraction, seed, recipe):
+def finetune(model_name, checkpoint, trust, run_dir, out_dir, bits, epochs, batch_size, lr, gamma, no_had,
+             had_token_weight, refresh_every, refresh_fraction, seed, recipe):
     """Head-distilled QAT of the fake-quant student (resumes after an interruption)."""
     from .finetune import finetune as run, load_finetune_recipe
     from .models import load_model
@@ -165,7 +181,7 @@ def finetune(model_name, checkpoint, run_dir, out_dir, bits, epochs, batch_size,
     out_dir = out_dir or run_dir
     if out_dir != run_dir:
         _link_synthetic(run_dir, out_dir)
-    meta = run(load_model(model_name, checkpoint), model_name, checkpoint, out_dir, cfg, r)
+    meta = run(load_model(model_name, checkpoint, trust=trust), model_name, checkpoint, out_dir, cfg, r)
     click.echo(f"student {cfg.name} written to {Path(out_dir) / 'student.pt'} "
                f"({len(meta['history'])} epochs, {meta['train_minutes']:.1f} min)")
 
@@ -189,14 +205,15 @@ run_dir_argument = click.argument("run_dir", type=click.Path(path_type=Path))
 @run_dir_argument
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Deployment config TOML (export/default.toml holds the defaults).")
-def export(run_dir, config_path):
+@trust_option  # for the teacher checkpoint that student.pt names
+def export(run_dir, config_path, trust):
     """Fold the student's learned scales into ONNX QDQ graphs (ORT FP32, TensorRT FP16)."""
     from .export import export_student, load_export_config
     from .finetune import load_student
     from .verify import _student_path
 
-    manifest = export_student(load_student(_student_path(run_dir)), run_dir, load_export_config(config_path),
-                              progress=click.echo)
+    student = load_student(_student_path(run_dir), trust=trust)
+    manifest = export_student(student, run_dir, load_export_config(config_path), progress=click.echo)
     for note in manifest["notes"].values():
         click.echo(note)
 
@@ -243,11 +260,12 @@ def build_cmd(run_dir, encoding):
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--limit", type=int, default=None, help="Verify on the first N eval images only.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(run_dir, val_dir, data_dir, limit, as_json):
+@trust_option  # for the teacher checkpoint that student.pt names
+def verify_cmd(run_dir, val_dir, data_dir, limit, as_json, trust):
     """Deployed artifacts vs the fake-quant student: agreement, cosine, max error, accuracy."""
     from .verify import format_verify, verify
 
-    report = verify(run_dir, val_dir, data_dir, limit, progress=not as_json)
+    report = verify(run_dir, val_dir, data_dir, limit, progress=not as_json, trust=trust)
     click.echo(json.dumps(report) if as_json else format_verify(report))
     if report["failed"]:
         raise MimiqError(f"below the verify thresholds: {', '.join(report['failed'])}")
@@ -274,6 +292,7 @@ def bench_cmd(run_dir, batch, as_json):
 @main.command("inspect-attention")
 @model_option
 @checkpoint_option
+@trust_option
 @click.option("--data", "run_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Run directory with synthetic images (repeatable).")
 @click.option("--real/--no-real", default=True, show_default=True, help="Include real eval images.")
@@ -281,7 +300,7 @@ def bench_cmd(run_dir, batch, as_json):
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--num", type=int, default=512, show_default=True, help="Images per set.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_attention(model_name, checkpoint, run_dirs, real, val_dir, data_dir, num, as_json):
+def inspect_attention(model_name, checkpoint, trust, run_dirs, real, val_dir, data_dir, num, as_json):
     """Mean inter-head attention similarity (|SSIM|) of image sets."""
     import torch
 
@@ -289,7 +308,7 @@ def inspect_attention(model_name, checkpoint, run_dirs, real, val_dir, data_dir,
     from .models import load_model
     from .synthesize import load_synthetic, mean_inter_head_similarity
 
-    model = load_model(model_name, checkpoint)
+    model = load_model(model_name, checkpoint, trust=trust)
     rows = []
     for run_dir in run_dirs:
         images, _, manifest = load_synthetic(run_dir)

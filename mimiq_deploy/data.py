@@ -1,7 +1,5 @@
 """Evaluation and training data: Fashion-MNIST (IDX files) and ImageNet-style class folders."""
 import gzip
-import os
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +9,6 @@ from torch.utils.data import Dataset, TensorDataset
 from .errors import MimiqError
 
 FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mimiq-deploy" / "fashion-mnist"
-FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -39,27 +35,17 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _find_fmnist_file(name: str, data_dir: Path | None) -> Path:
-    dirs = [Path(data_dir)] if data_dir else [FMNIST_DEBIAN_DIR, FMNIST_CACHE_DIR]
-    for d in dirs:
-        for candidate in (d / name, d / name.removesuffix(".gz")):
-            if candidate.exists():
-                return candidate
+    """A local IDX file, gzipped or not. Nothing is downloaded: the README promises no network at run time."""
+    d = Path(data_dir) if data_dir else FMNIST_DEBIAN_DIR
+    for candidate in (d / name, d / name.removesuffix(".gz")):
+        if candidate.exists():
+            return candidate
     if data_dir:
-        raise MimiqError(f"{name} not found in --data-dir {data_dir}")
-    # Neither the Debian package nor a cached copy: try the canonical download once.
-    FMNIST_CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    target = FMNIST_CACHE_DIR / name
-    tmp = target.with_suffix(".partial")
-    try:
-        with urllib.request.urlopen(FMNIST_URL + name, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise MimiqError(
-            "Fashion-MNIST not found: install the Debian package (apt-get install dataset-fashion-mnist), "
-            "or pass --data-dir with the four IDX .gz files (offline, no download possible)") from None
-    return target
+        raise MimiqError(f"{name} not found in --data-dir {data_dir} (it needs the four Fashion-MNIST IDX files: "
+                         f"{', '.join(f for pair in FMNIST_FILES.values() for f in pair)})")
+    raise MimiqError(f"Fashion-MNIST not found in {FMNIST_DEBIAN_DIR}: install it with "
+                     "`apt-get install dataset-fashion-mnist`, or pass --data-dir with the four IDX files "
+                     "(train/t10k images and labels, .gz or not)")
 
 
 def load_fmnist(split: str, data_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,12 @@
 """One exception type for every user-facing mistake; the CLI prints it as one line."""
+import argparse
+import contextlib
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +30,70 @@ def atomic_torch_save(obj, path) -> None:
             os.unlink(tmp)
 
 
+# Globals that real checkpoints carry besides tensors and containers, and that cannot run code
+# when unpickled: DeiT / timm training checkpoints store their `args` as an argparse.Namespace.
+SAFE_GLOBALS = [argparse.Namespace]
+TRUST_HINT = "pass --trust-checkpoint to load it anyway, only if you trust where it came from"
+
+
+def load_torch_file(path, what: str = "checkpoint", trust: bool = False, own: bool = False):
+    """torch.load that never runs code from the file: weights_only=True, plus SAFE_GLOBALS.
+
+    trust: load the old way (full unpickling), the user's explicit opt-in (`--trust-checkpoint`).
+    own: a file mimiq-deploy writes itself (student.pt, shards, resume states); those hold only
+    tensors and plain values, so one needing anything else did not come from mimiq-deploy."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimiqError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the user gets one line
+            warnings.simplefilter("ignore")
+            if trust:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None and "Weights only load failed" not in str(e):
+            raise MimiqError(f"cannot read {what} {path} (corrupt or truncated): {e}") from None
+        needs = f"the global {found.group(1)}" if found else "pickle features beyond tensors and plain values"
+        where = "it was not written by mimiq-deploy" if own else TRUST_HINT
+        raise MimiqError(f"refused to load {what} {path}: it needs {needs}, "
+                         f"and unpickling that could run code ({where})") from None
+    except Exception as e:  # torch raises many types for a corrupt or truncated file
+        raise MimiqError(f"cannot read {what} {path} (corrupt, truncated or not a torch file): "
+                         f"{type(e).__name__}") from None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir, verb: str = "quantize"):
+    """Hold run_dir/.lock for a whole run, so a second run on the same directory refuses with one line.
+    An flock belongs to its process: a killed run leaves the file but not the lock."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise MimiqError(f"{run_dir} is in use by another {verb} run ({holder}): wait for it to finish, "
+                         "or pass another --out") from None
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def atomic_write_text(path, text: str) -> None:
     """Text written under a temporary name, then renamed: a file that exists is complete."""
     path = Path(path)
@@ -32,6 +101,15 @@ def atomic_write_text(path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_json(path) -> dict:
+    """A JSON record of the run directory; a corrupt or truncated one is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MimiqError(f"{path} is corrupt or truncated ({e.__class__.__name__}): remove it and rerun the stage "
+                         "that wrote it") from None
 
 
 def atomic_write_json(path, obj) -> None:

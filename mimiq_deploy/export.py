@@ -31,7 +31,6 @@ FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantiz
 TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
 TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
 W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
-TEMPLATES = Path(__file__).resolve().parent.parent / "export" / "templates"
 
 
 @dataclasses.dataclass
@@ -206,6 +205,18 @@ def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
                                                 disable_shape_infer=False)
 
 
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX file of the run directory; a missing, corrupt or truncated one is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimiqError(f"ONNX file not found: {path} (run `mimiq-deploy export` again)")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, onnx its own types
+        raise MimiqError(f"cannot read {path} as ONNX (corrupt or truncated; run `mimiq-deploy export` again): "
+                         f"{type(e).__name__}") from None
+
+
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Validate, then write atomically."""
     onnx.checker.check_model(model, full_check=True)
@@ -257,7 +268,8 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         save_onnx(graph, out_dir / name)
         progress(f"wrote {out_dir / name}")
     manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
-                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None)}
+                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None),
+                "num_classes": student.num_classes}  # the head's, which a checkpoint may change from pretrained_cfg
     atomic_write_json(out_dir / "export.json", manifest)
     return manifest
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .attention import attention_modules, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save, atomic_write_json
+from .errors import MimiqError, atomic_torch_save, atomic_write_json, load_torch_file
 from .quant import QuantConfig, calibrate, quant_modules, quantize_model
 from .similarity import global_ssim
 
@@ -228,7 +228,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
     start_epoch, history, seconds = 0, [], 0.0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_torch_file(state_path, "fine-tuning resume state", own=True)
         stored = {**state["signature"], "recipe": with_defaults(FinetuneRecipe, state["signature"]["recipe"])}
         if stored != signature:
             raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
@@ -324,15 +324,20 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     return meta
 
 
-def load_student(path: Path):
-    """The fake-quant student of a `student.pt`, in eval mode."""
-    from .models import _read_checkpoint, load_model
+def load_student(path: Path, trust: bool = False):
+    """The fake-quant student of a `student.pt`, in eval mode.
+
+    student.pt is always loaded without running code (mimiq-deploy writes only plain values);
+    trust applies to the teacher checkpoint it names (`--trust-checkpoint`)."""
+    from .models import load_model
     from .quant import parse_bits
 
-    ckpt = _read_checkpoint(Path(path))
+    ckpt = load_torch_file(Path(path), "student checkpoint", own=True)
+    if not isinstance(ckpt, dict):
+        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
     if ckpt.get("format") != "mimiq-student-v1":
         raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
-    teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"])
+    teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"], trust=trust)
     cfg = parse_bits(ckpt["bits"])
     # students written before input_bits existed quantized the image at the activation width
     cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits))

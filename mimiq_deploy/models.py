@@ -3,16 +3,13 @@ timm weights already in the local cache. Never downloads."""
 import os
 from pathlib import Path
 
-# Set before timm / huggingface_hub read it: weights come only from local files.
-os.environ["HF_HUB_OFFLINE"] = "1"
+import timm
+import torch
+from torch import nn
+from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer  # noqa: E402
-
-from .attention import capture_attention  # noqa: E402
-from .errors import MimiqError  # noqa: E402
+from .attention import capture_attention
+from .errors import MimiqError, load_torch_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fmnist-vit"
@@ -40,15 +37,21 @@ def build_fmnist_vit(arch: dict) -> VisionTransformer:
     return model
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise MimiqError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise MimiqError(f"cannot read checkpoint {path} (corrupt or not a torch file): {type(e).__name__}") from None
+def _read_checkpoint(path: Path, trust: bool = False, what: str = "checkpoint") -> dict:
+    """A checkpoint's dict, loaded without running code: .safetensors, or a torch file (see load_torch_file)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise MimiqError(f"{what} not found: {path}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MimiqError(f"cannot read {what} {path} (corrupt or not safetensors): {e}") from None
+    ckpt = load_torch_file(path, what, trust=trust)
     if not isinstance(ckpt, dict):
-        raise MimiqError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict")
+        raise MimiqError(f"{what} {path} holds a {type(ckpt).__name__}, expected a state dict")
     return ckpt
 
 
@@ -100,23 +103,25 @@ def _load_embedded(name: str) -> nn.Module:
     return _teacher_from_checkpoint(_read_checkpoint(path), f"embedded weights {path}", name)
 
 
-def _has_cached_weights(name: str) -> bool:
-    """True when timm's pretrained weights for `name` are already on local disk."""
+def _cached_weights(name: str) -> str | None:
+    """The local file of timm's pretrained weights for `name` (Hugging Face or torch hub cache), or None."""
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
-        return False
+        return None
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
         repo = cfg.hf_hub_id.split("@")[0]
         for fname in (cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(repo, fname), str):
-                return True
+            found = try_to_load_from_cache(repo, fname)
+            if isinstance(found, str):
+                return found
     if cfg.url:
-        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)).exists()
-    return False
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        return str(path) if path.exists() else None
+    return None
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True) -> nn.Module:
+def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = True, trust: bool = False) -> nn.Module:
     """Load a teacher in eval mode, its attention captured (see attention.py).
 
     name: the embedded default ('fmnist-vit'), or a timm model name. With `checkpoint`, the
@@ -126,20 +131,23 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
     With 'fmnist-vit', `checkpoint` may be any checkpoint `mimiq-deploy teacher train` wrote (it
     carries its architecture). A path as `name` loads that teacher checkpoint, or that fine-tuned
     `student.pt` as its fake-quant student.
+    trust: unpickle the checkpoint fully (`--trust-checkpoint`); by default a checkpoint that
+    needs more than tensors and plain values is refused, since unpickling it could run code.
     """
     if name.endswith(".pt") or os.sep in name:  # a path: a student, or a teacher from `teacher train`
         from .finetune import load_student
         if not Path(name).is_file():
             raise MimiqError(f"checkpoint not found: {name}")
+        # both kinds hold only plain values: read without trust, whatever --trust-checkpoint says
         ckpt = _read_checkpoint(Path(name))
         if not is_teacher_checkpoint(ckpt):
-            return load_student(Path(name))
+            return load_student(Path(name), trust=trust)
         model = _teacher_from_checkpoint(ckpt, f"teacher checkpoint {name}", name)
     elif name in EMBEDDED:
         if checkpoint is None:
             model = _load_embedded(name)
         else:
-            ckpt = _read_checkpoint(Path(checkpoint))
+            ckpt = _read_checkpoint(Path(checkpoint), trust)
             if not is_teacher_checkpoint(ckpt):
                 raise MimiqError(f"{checkpoint} is not a `mimiq-deploy teacher train` checkpoint (no architecture in it): "
                                  f"{name} takes only those; for timm weights pass a timm model name with --checkpoint")
@@ -149,16 +157,18 @@ def load_model(name: str, checkpoint: str | Path | None = None, capture: bool = 
             raise MimiqError(f"unknown model {name!r}: use {DEFAULT_MODEL}, or a timm model name "
                              "(e.g. deit_tiny_patch16_224) with --checkpoint PATH")
         if checkpoint is not None:
-            sd = _state_dict_of(_read_checkpoint(Path(checkpoint)))
+            sd = _state_dict_of(_read_checkpoint(Path(checkpoint), trust))
             head = sd.get("head.weight")
             kwargs = {"num_classes": head.shape[0]} if head is not None and head.ndim == 2 else {}
             model = timm.create_model(name, pretrained=False, **kwargs)
             _load_into(model, sd, f"checkpoint {checkpoint}", name)
         else:
-            if not _has_cached_weights(name):
+            cached = _cached_weights(name)
+            if cached is None:
                 raise MimiqError(f"no local pretrained weights for {name!r} (nothing is downloaded): "
                                  "pass --checkpoint PATH, or put the timm weights in the Hugging Face cache")
-            model = timm.create_model(name, pretrained=True)
+            # timm reads the named file (weights_only) instead of asking the hub: no network, no env change
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached})
     if not any(isinstance(m, TimmAttention) for m in model.modules()):
         raise MimiqError(f"{name!r} has no timm ViT Attention blocks: supported are ViT / DeiT models")
     if capture:

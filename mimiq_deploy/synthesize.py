@@ -8,7 +8,6 @@ so shards are independent: an interrupted run only redoes missing shards, ranks 
 torchrun split the shards, and the result does not depend on either.
 """
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from .attention import attention_modules, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save, atomic_write_json
+from .errors import MimiqError, atomic_torch_save, atomic_write_json, load_torch_file, read_json
 from .similarity import head_pair_ssim
 
 SYNTH_DIR = "synth"
@@ -243,7 +242,7 @@ def shard_path(run_dir: Path, shard: int) -> Path:
 def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
     path = manifest_path(run_dir)
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         if old.get("model") != header["model"]:
             raise MimiqError(f"{run_dir} holds shards of model {old.get('model')!r}, not {header['model']!r}: "
                              "use another --out")
@@ -329,8 +328,8 @@ def _kind(recipe: SynthesisRecipe) -> str:
 def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     """Summarize the finished shards (losses, teacher accuracy) into the manifest."""
     path = manifest_path(run_dir)
-    manifest = json.loads(path.read_text())
-    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    manifest = read_json(path)
+    shards = read_shards(run_dir, manifest["num_shards"])
     n = sum(len(s["labels"]) for s in shards)
     stats = {}
     for key in ("ihc", "entropy", "align", "ce", "tv", "teacher_top1", "student_top1"):
@@ -349,9 +348,20 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     return manifest
 
 
+def read_shards(run_dir: Path, num_shards: int) -> list[dict]:
+    shards = []
+    for s in range(num_shards):
+        path = shard_path(run_dir, s)
+        shard = load_torch_file(path, "synthetic shard", own=True)
+        if not isinstance(shard, dict) or not all(isinstance(shard.get(k), torch.Tensor) for k in ("images", "labels")):
+            raise MimiqError(f"{path} is not a synthetic shard (no images / labels): remove it and rerun synthesize")
+        shards.append(shard)
+    return shards
+
+
 def is_complete(run_dir: Path) -> bool:
     path = manifest_path(run_dir)
-    return path.exists() and json.loads(path.read_text()).get("complete", False)
+    return path.exists() and read_json(path).get("complete", False)
 
 
 def load_synthetic(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -359,11 +369,11 @@ def load_synthetic(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     path = manifest_path(run_dir)
     if not path.exists():
         raise MimiqError(f"no synthetic data in {run_dir} ({path} missing): run `mimiq-deploy synthesize` first")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
     missing = [s for s in range(manifest["num_shards"]) if not shard_path(run_dir, s).exists()]
     if missing:
         raise MimiqError(f"{run_dir} misses {len(missing)} of {manifest['num_shards']} shards: rerun synthesize to finish")
-    shards = [torch.load(shard_path(run_dir, s), weights_only=False) for s in range(manifest["num_shards"])]
+    shards = read_shards(run_dir, manifest["num_shards"])
     return torch.cat([s["images"] for s in shards]).float(), torch.cat([s["labels"] for s in shards]), manifest
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .config import dataclass_from, read_toml
 from .data import FMNIST_CLASSES, load_fmnist, normalize_uint8
-from .errors import MimiqError, atomic_torch_save
+from .errors import MimiqError, atomic_torch_save, load_torch_file
 from .models import EMBEDDED, DEFAULT_MODEL, build_fmnist_vit
 
 # Fashion-MNIST training-set statistics; they travel with the model as pretrained_cfg.
@@ -90,7 +90,7 @@ def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None
     history, start_epoch, train_seconds = [], 0, 0.0
     resume_path = Path(str(out) + ".resume")
     if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        state = load_torch_file(resume_path, "teacher resume state", own=True)
         if state["recipe"] == dataclasses.asdict(recipe):
             model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"]); gen.set_state(state["gen"])

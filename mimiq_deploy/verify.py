@@ -29,7 +29,8 @@ def _student_path(run_dir: Path) -> Path:
 
 @torch.no_grad()
 def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = None, limit: int | None = None,
-           batch_size: int = 250, progress: bool = True) -> dict:
+           batch_size: int = 250, progress: bool = True, trust: bool = False) -> dict:
+    """trust: unpickle the teacher checkpoint named in student.pt fully (`--trust-checkpoint`)."""
     from .evaluate import eval_dataset
     from .finetune import load_student
 
@@ -37,7 +38,7 @@ def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = N
     built = read_build(run_dir)
     cfg = load_export_config(None)
     cfg.__dict__.update(read_export_manifest(run_dir)["config"])
-    student = load_student(_student_path(run_dir))
+    student = load_student(_student_path(run_dir), trust=trust)
     dataset, dataset_name = eval_dataset(student, val_dir, data_dir)
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))

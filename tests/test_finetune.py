@@ -79,8 +79,8 @@ def test_resume_gives_the_same_student(teacher, synth_dir, tmp_path, monkeypatch
     assert not (resumed / "student.pt").exists()
     monkeypatch.setattr(ft, "barrier", lambda: None)
     finetune(teacher, "fmnist-vit", None, resumed, parse_bits("w4a4"), recipe, progress=False)
-    a = torch.load(straight / "student.pt", weights_only=False)["state_dict"]
-    b = torch.load(resumed / "student.pt", weights_only=False)["state_dict"]
+    a = torch.load(straight / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

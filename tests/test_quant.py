@@ -103,7 +103,7 @@ def test_image_input_keeps_8_bits_and_older_students_keep_their_width(teacher, t
     assert all(q.bits == 3 for q in quants if q is not student.patch_embed.proj[0].input_quant)
     save_student(tmp_path / "new.pt", student, "fmnist-vit", None, student.quant_config, {})
     assert load_student(tmp_path / "new.pt").patch_embed.proj[0].input_quant.bits == 8
-    ckpt = torch.load(tmp_path / "new.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
     del ckpt["input_bits"]  # as written before the 8-bit image input
     torch.save(ckpt, tmp_path / "old.pt")
     assert load_student(tmp_path / "old.pt").patch_embed.proj[0].input_quant.bits == 3

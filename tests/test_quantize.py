@@ -19,7 +19,7 @@ def test_quantize_end_to_end_and_rerun(cli, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY)
     export_cfg = tmp_path / "export.toml"
-    export_cfg.write_text("batch_sizes = [1, 8]\nbench_seconds = 0.2\nmin_agreement = 0.0\nmin_cosine = 0.0\n")
+    export_cfg.write_text("batch_sizes = [1, 8]\nbench_seconds = 0.2\n")  # the default verify thresholds apply
     run = tmp_path / "run"
     args = ("quantize", "--bits", "w8a8", "--out", run, "--recipe", recipe, "--export-config", export_cfg,
             "--verify-limit", 500)
@@ -31,6 +31,9 @@ def test_quantize_end_to_end_and_rerun(cli, tmp_path):
                 "inter_head_similarity", "stage_seconds", "pretrained_cfg"):
         assert report.get(key) is not None, key
     assert report["verify"]["n"] == 500 and report["teacher"]["top1"] >= 89.0
+    checked = {k: r for k, r in report["verify"]["artifacts"].items() if r["checked"]}  # integer QDQ artifacts
+    assert "ort-cpu-w8a8" in checked and report["verify"]["failed"] == []
+    assert all(r["agreement"] >= 99.5 and r["cosine"] >= 0.999 for r in checked.values()), checked
     assert {r["batch"] for r in report["bench"]["rows"]} == {1, 8}
     md = (run / "report.md").read_text()
     assert "| ort-cpu-w8a8 |" in md and "accuracy.png" in md and (run / "latency.png").exists()

@@ -16,7 +16,7 @@ TINY = dict(num_images=10, batch_size=4, steps=3, jitter=2)
 
 
 def _shards(run_dir):
-    return {p.name: torch.load(p, weights_only=False) for p in sorted((run_dir / "synth").glob("shard_*.pt"))}
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((run_dir / "synth").glob("shard_*.pt"))}
 
 
 def _same(a, b):

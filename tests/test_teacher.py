@@ -73,8 +73,8 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     resumed = train_teacher(recipe, tmp_path / "resumed.pt", data_dir=tmp_path)
     assert not (tmp_path / "resumed.pt.resume").exists()
     assert resumed["test_top1"] == straight["test_top1"]
-    a = torch.load(tmp_path / "straight.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

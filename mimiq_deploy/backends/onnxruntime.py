@@ -5,6 +5,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..errors import MimiqError
+
+
+def _session(onnx_path: Path, so, provider: str):
+    """An ORT session; a missing, corrupt or truncated graph is one line naming the file."""
+    import onnxruntime as ort
+    if not Path(onnx_path).is_file():
+        raise MimiqError(f"ONNX file not found: {onnx_path} (run `mimiq-deploy export` and `build` again)")
+    try:
+        return ort.InferenceSession(str(onnx_path), so, providers=[provider])
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MimiqError(f"ONNX Runtime cannot load {onnx_path} (corrupt or truncated?): {detail}") from None
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -23,7 +37,7 @@ class OnnxRuntimeBackend:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_path)
-        ort.InferenceSession(str(onnx_path), so, providers=[provider])
+        _session(onnx_path, so, provider)
         ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
         integer = {k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
                                                            "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger",
@@ -46,7 +60,7 @@ class OnnxRuntimeBackend:
         with tempfile.TemporaryDirectory() as tmp:
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(tmp, "ort")
-            sess = ort.InferenceSession(str(onnx_path), so, providers=[provider or "CPUExecutionProvider"])
+            sess = _session(onnx_path, so, provider or "CPUExecutionProvider")
             feed = {sess.get_inputs()[0].name: x.astype(np.float16 if sess.get_inputs()[0].type == "tensor(float16)"
                                                          else np.float32, copy=False)}
             for _ in range(2 + runs):  # two warm-up runs, told apart below by their model_run events
@@ -68,7 +82,7 @@ class OnnxRuntimeBackend:
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if threads:
             so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(onnx_path), so, providers=[provider])
+        sess = _session(onnx_path, so, provider)
         name = sess.get_inputs()[0].name
         dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
 
