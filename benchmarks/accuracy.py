@@ -87,7 +87,7 @@ def synthesis_seconds(manifest: dict) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
-    ap.add_argument("--bits", default="w4a4,w4a8,w8a8")
+    ap.add_argument("--bits", default="w3a3,w4a4,w4a8,w8a8")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--rows", default="1,12,13,2,3,4,5,6,7",
                     help="Row numbers to run (8-11: MaskAQ options; 12, 13: PTQ on noise / real images).")
