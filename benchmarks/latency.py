@@ -27,7 +27,7 @@ from mimiq_deploy.backends import BACKENDS
 from mimiq_deploy.bench import _ort_sampler, profile_breakdown, time_interleaved
 from mimiq_deploy.build import build
 from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
-from mimiq_deploy.errors import atomic_write_text
+from mimiq_deploy.io import atomic_write_text
 from mimiq_deploy.export import FLOAT_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import ptq_student
 from mimiq_deploy.quant import parse_bits

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .backends import BACKENDS
 from .build import read_build, read_export_manifest
-from .errors import atomic_write_json
+from .io import atomic_write_json
 
 BENCH_FILE = "bench.json"
 OP_GROUPS = {  # profile shares are reported per op type and per group
@@ -43,7 +44,6 @@ def _ort_sampler(run, x):
 
 
 def _trt_sampler(run, x):
-    import torch
     xd = torch.from_numpy(x).cuda()
 
     def sample():

@@ -9,12 +9,14 @@ from pathlib import Path
 from string import Template
 
 import onnx
+from timm.data import ImageNetInfo
 
 from .backends import BACKENDS
 from .encoding import choose_encoding, encoding_of, host_graph
-from .errors import MimiqError, atomic_write_json, read_json
-from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, load_export_config,
-                     read_onnx, save_onnx)
+from .errors import MimiqError
+from .io import atomic_write_json, read_json
+from .export import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX, read_onnx, save_onnx,
+                     stored_export_config)
 from .recipes import config_dir
 
 BUILD_FILE = "build.json"
@@ -58,8 +60,7 @@ def build(run_dir: Path, progress=print, encoding: str | None = None) -> dict:
     an explicit `ort_int8` of the export config, then this host's CPU decide (encoding.py)."""
     run_dir = Path(run_dir)
     manifest = read_export_manifest(run_dir)
-    cfg = load_export_config(None)
-    cfg.__dict__.update(manifest["config"])
+    cfg = stored_export_config(manifest["config"], f"{run_dir / EXPORT_DIR / 'export.json'} [config]")
     exp = run_dir / EXPORT_DIR
     bits = manifest["bits"]
     ort = BACKENDS["onnxruntime"]
@@ -129,7 +130,6 @@ def class_labels(pre: dict, num_classes: int) -> list[str] | None:
     if names and len(names) == num_classes:
         return list(names)
     if num_classes == pre.get("num_classes") == 1000:
-        from timm.data import ImageNetInfo
         return ImageNetInfo().label_descriptions()
     return None
 

@@ -10,7 +10,6 @@ Each graph passes `check` (check.py) before it is written.
 """
 import dataclasses
 import io
-import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -19,9 +18,12 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnxconverter_common import float16
 
-from .config import dataclass_from, read_toml
-from .errors import MimiqError, atomic_write_json
+from .check import check_graph
+from .config import dataclass_from, read_toml, with_defaults
+from .errors import MimiqError
+from .io import atomic_write, atomic_write_json
 from .quant.convert import set_quant_enabled
 from .quant.quantizer import qrange
 
@@ -50,11 +52,21 @@ class ExportConfig:
     bench_seconds: float = 2.0     # bench: least measured time per artifact and batch
 
 
-def load_export_config(path: str | Path | None) -> ExportConfig:
-    cfg = dataclass_from(ExportConfig, read_toml(path), str(path)) if path else ExportConfig()
+def export_config(values: dict, where: str) -> ExportConfig:
+    """An ExportConfig from a TOML table or a stored record, validated."""
+    cfg = dataclass_from(ExportConfig, values, where)
     if cfg.ort_int8 not in ("auto", "uint8", "int8"):
-        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {path}: choose \"auto\", \"uint8\" or \"int8\"")
+        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {where}: choose \"auto\", \"uint8\" or \"int8\"")
     return cfg
+
+
+def load_export_config(path: str | Path | None) -> ExportConfig:
+    return export_config(read_toml(path), str(path)) if path else ExportConfig()
+
+
+def stored_export_config(stored: dict, where: str) -> ExportConfig:
+    """The config an export recorded, completed with the defaults of keys added since (older runs)."""
+    return export_config(with_defaults(ExportConfig, stored), where)
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size, opset: int) -> onnx.ModelProto:
@@ -195,8 +207,6 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
     """FP16 compute for TensorRT's strongly typed networks; LayerNorm and softmax stay FP32."""
-    from onnxconverter_common import float16
-
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization", "Softmax"]
     del model.graph.value_info[:]  # stale FP32 types; the converter infers them afresh
     with warnings.catch_warnings():
@@ -220,16 +230,11 @@ def read_onnx(path: Path) -> onnx.ModelProto:
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Validate, then write atomically."""
     onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    onnx.save(model, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
 def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) -> dict:
     """Write the ORT and TensorRT graphs (and their float twins) of `student` to run_dir/export."""
-    from .check import check_graph
-
     qc = student.quant_config
     if qc.weight_bits not in (4, 8) or qc.act_bits not in (4, 8):
         raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "

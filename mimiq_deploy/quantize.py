@@ -10,8 +10,20 @@ import json
 import time
 from pathlib import Path
 
-from .errors import MimiqError, atomic_write_json, read_json, run_dir_lock
+from .bench import bench
+from .build import build
+from .config import with_defaults
+from .errors import MimiqError
+from .export import export_student, load_export_config
+from .finetune import FinetuneRecipe, finetune, load_finetune_recipe
+from .io import atomic_write_json, read_json, run_dir_lock
+from .models import load_model
+from .quant import parse_bits
+from .quant.student import load_student, ptq_student
 from .recipes import config_dir, resolve_recipe_path
+from .report import write_report
+from .synthesize import is_complete, load_synthesis_recipe, load_synthetic, synthesize
+from .verify import verify
 
 PRESETS = {"fast": "fmnist-vit-fast.toml"}
 
@@ -30,10 +42,6 @@ def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> P
 
 def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:
     """What `quantize` would run with: the recipe and export config it resolved, and their values."""
-    from .export import load_export_config
-    from .finetune import load_finetune_recipe
-    from .synthesize import load_synthesis_recipe
-
     return "\n".join([f"recipe: {recipe_path or 'built-in defaults'}",
                       f"synthesize: {json.dumps(dataclasses.asdict(load_synthesis_recipe(recipe_path, {})))}",
                       f"finetune: {json.dumps(dataclasses.asdict(load_finetune_recipe(recipe_path, {})))}",
@@ -51,17 +59,6 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     """Run (or resume) every stage; returns the report (also written as report.json / report.md).
 
     trust: unpickle the teacher checkpoint fully (`--trust-checkpoint`), see models.load_model."""
-    from .bench import bench
-    from .build import build
-    from .export import export_student, load_export_config
-    from .config import with_defaults
-    from .finetune import FinetuneRecipe, finetune, load_finetune_recipe, load_student, ptq_student
-    from .models import load_model
-    from .quant import parse_bits
-    from .report import write_report
-    from .synthesize import is_complete, load_synthesis_recipe, load_synthetic, synthesize
-    from .verify import verify
-
     cfg = parse_bits(bits)
     run_dir = Path(run_dir)
     synth_recipe = load_synthesis_recipe(recipe_path, {})

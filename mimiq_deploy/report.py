@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from .evaluate import eval_dataset, evaluate
-from .errors import atomic_write_json, atomic_write_text
+from .io import atomic_write, atomic_write_json, atomic_write_text
 from .quant import QuantConfig, collect_activations, quantize_model
+from .synthesize import load_synthetic, mean_inter_head_similarity
 
 
 def _version(package: str) -> str:
@@ -39,15 +40,11 @@ def _save_png(fig, path: Path) -> None:
     """A plot written under a temporary name, then renamed."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial")
-    fig.savefig(tmp, dpi=100, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: dict, val_dir=None, data_dir=None) -> dict:
-    from .synthesize import load_synthetic, mean_inter_head_similarity
-
     run_dir = Path(run_dir)
     dataset, dataset_name = eval_dataset(teacher, val_dir, data_dir)
     report = _load(run_dir / "report.json") or {}

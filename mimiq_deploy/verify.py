@@ -13,14 +13,16 @@ from tqdm import tqdm
 
 from .backends import BACKENDS
 from .build import read_build, read_export_manifest
-from .errors import atomic_write_json
-from .export import load_export_config
+from .errors import MimiqError
+from .evaluate import eval_dataset, top1_correct
+from .export import EXPORT_DIR, stored_export_config
+from .io import atomic_write_json
+from .quant.student import load_student
 
 VERIFY_FILE = "verify.json"
 
 
 def _student_path(run_dir: Path) -> Path:
-    from .errors import MimiqError
     path = Path(run_dir) / "student.pt"
     if not path.exists():
         raise MimiqError(f"no student.pt in {run_dir}: run `mimiq-deploy finetune` first")
@@ -31,13 +33,9 @@ def _student_path(run_dir: Path) -> Path:
 def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = None, limit: int | None = None,
            batch_size: int = 250, progress: bool = True, trust: bool = False) -> dict:
     """trust: unpickle the teacher checkpoint named in student.pt fully (`--trust-checkpoint`)."""
-    from .evaluate import eval_dataset
-    from .finetune import load_student
-
     run_dir = Path(run_dir)
     built = read_build(run_dir)
-    cfg = load_export_config(None)
-    cfg.__dict__.update(read_export_manifest(run_dir)["config"])
+    cfg = stored_export_config(read_export_manifest(run_dir)["config"], f"{run_dir / EXPORT_DIR / 'export.json'} [config]")
     student = load_student(_student_path(run_dir), trust=trust)
     dataset, dataset_name = eval_dataset(student, val_dir, data_dir)
     if limit:
@@ -49,13 +47,13 @@ def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = N
     student_correct = n = 0
     for x, y in tqdm(DataLoader(dataset, batch_size), desc="verify", unit="batch", disable=not progress):
         ref = student(x).numpy()
-        student_correct += int((ref.argmax(1) == y.numpy()).sum())
+        student_correct += top1_correct(ref, y.numpy())
         n += len(y)
         for name, run in runners.items():
             out = run(x.numpy())
             s = stats[name]
-            s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
-            s["correct"] += int((out.argmax(1) == y.numpy()).sum())
+            s["agree"] += top1_correct(out, ref.argmax(1))
+            s["correct"] += top1_correct(out, y.numpy())
             cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
             s["cos"] += float(cos.sum())
             s["max_err"] = max(s["max_err"], float(np.abs(out - ref).max()))

@@ -1,16 +1,19 @@
 """ONNX Runtime: CPU, and the CUDA execution provider where onnxruntime-gpu and a GPU are present."""
 import collections
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..errors import MimiqError
 
 
 def _session(onnx_path: Path, so, provider: str):
     """An ORT session; a missing, corrupt or truncated graph is one line naming the file."""
-    import onnxruntime as ort
     if not Path(onnx_path).is_file():
         raise MimiqError(f"ONNX file not found: {onnx_path} (run `mimiq-deploy export` and `build` again)")
     try:
@@ -27,13 +30,11 @@ class OnnxRuntimeBackend:
         return True, ""
 
     def providers(self) -> list[str]:
-        import onnxruntime as ort
         have = ort.get_available_providers()
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
     def build(self, onnx_path: Path, out_path: Path, provider: str = "CPUExecutionProvider", **_) -> dict:
         """Optimize once and keep the optimized graph: it tells which kernels run (integer or float)."""
-        import onnxruntime as ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_path)
@@ -48,11 +49,6 @@ class OnnxRuntimeBackend:
     def profile(self, onnx_path: Path, x: np.ndarray, provider: str | None = None, runs: int = 10,
                 threads: int = 0) -> dict:
         """Kernel time per run by op type (ms), from ONNX Runtime's profiler, after two warm-up runs."""
-        import json
-        import os
-        import tempfile
-
-        import onnxruntime as ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -75,7 +71,6 @@ class OnnxRuntimeBackend:
         return dict(by_op)
 
     def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0, optimization: str = "all"):
-        import onnxruntime as ort
         provider = provider or "CPUExecutionProvider"
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimization == "disabled"

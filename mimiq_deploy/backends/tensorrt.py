@@ -4,7 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from ..errors import MimiqError
+from ..io import atomic_write_bytes
 
 
 def _import_tensorrt():
@@ -19,7 +22,6 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def available(self) -> tuple[bool, str]:
-        import torch
         if _import_tensorrt() is None:
             return False, "the tensorrt Python package is not installed (pip install tensorrt, from NVIDIA's index)"
         if not torch.cuda.is_available():
@@ -54,16 +56,13 @@ class TensorRTBackend:
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise MimiqError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-        tmp = out_path.with_name(out_path.name + ".partial")
-        tmp.write_bytes(bytes(plan))
-        tmp.replace(out_path)
+        atomic_write_bytes(out_path, bytes(plan))
         if timing_cache:
             timing_cache.write_bytes(bytes(cache.serialize()))
         return {"engine": str(out_path), "build_seconds": time.time() - t0, "tensorrt": trt.__version__}
 
     def load(self, plan_path: Path, **_):
         """A callable running the engine on torch CUDA tensors (TensorRT's tensor-address API)."""
-        import torch
         trt = _import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
