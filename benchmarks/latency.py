@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from mimiq_deploy.backends import BACKENDS
-from mimiq_deploy.bench import _ort_sampler, profile_breakdown, time_interleaved
+from mimiq_deploy.bench import profile_breakdown, time_interleaved
 from mimiq_deploy.build import build
 from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
@@ -165,7 +165,7 @@ def main():
             x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
             samplers = {}
             for label, path in cands.items():
-                samplers[(label, "ONNX Runtime")] = _ort_sampler(ort_backend.load(path, threads=args.threads), x)
+                samplers[(label, "ONNX Runtime")] = ort_backend.sampler(ort_backend.load(path, threads=args.threads), x)
                 if openvino:
                     try:
                         samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(path, x, args.threads)

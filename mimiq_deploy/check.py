@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+TARGETS = ("tensorrt", "onnxruntime")  # the back ends' conformance targets (backends/*.py `conformance`)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FLOAT_ONLY = ("LayerNormalization", "Softmax")  # never fed by a DQ: they run in float
 
@@ -25,7 +26,7 @@ def _is_residual_add(node, producers, consts) -> bool:
 
 def check_graph(model: onnx.ModelProto, target: str) -> list[str]:
     """Violations as 'node name: what is wrong'; empty when the graph conforms."""
-    if target not in ("tensorrt", "onnxruntime"):
+    if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

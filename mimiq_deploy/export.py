@@ -23,16 +23,11 @@ from onnxconverter_common import float16
 from .check import check_graph
 from .config import dataclass_from, read_toml, with_defaults
 from .errors import MimiqError
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write
 from .quant.convert import set_quant_enabled
 from .quant.quantizer import qrange
-
-EXPORT_DIR = "export"
-QDQ_ONNX = "model_qdq.onnx"           # FP32 QDQ graph for ONNX Runtime
-FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantization)
-TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
-TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
-W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
+from .run_dir import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX,  # noqa: F401
+                      ExportRecord, RunDir)
 
 
 @dataclasses.dataclass
@@ -240,7 +235,7 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "
                          "(w4a4, w4a8, w8a4, w8a8); fake-quant eval works for any wXaY")
     input_size = tuple(student.pretrained_cfg["input_size"])
-    out_dir = Path(run_dir) / EXPORT_DIR
+    rd = RunDir(run_dir)
     raw = torch_to_onnx(student, input_size, cfg.opset)
     set_quant_enabled(student, False)
     try:
@@ -270,13 +265,12 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
             violations = check_graph(graph, target)
             if violations:
                 raise MimiqError(f"{name} fails the {target} check ({len(violations)} violations), first: {violations[0]}")
-        save_onnx(graph, out_dir / name)
-        progress(f"wrote {out_dir / name}")
-    manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
-                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None),
-                "num_classes": student.num_classes}  # the head's, which a checkpoint may change from pretrained_cfg
-    atomic_write_json(out_dir / "export.json", manifest)
-    return manifest
+        save_onnx(graph, rd.graph(name))
+        progress(f"wrote {rd.graph(name)}")
+    record = ExportRecord(qc.name, dataclasses.asdict(cfg), sorted(graphs), notes, _jsonable(student.pretrained_cfg),
+                          getattr(student, "model_name", None), student.num_classes)
+    rd.write_export(record)
+    return record.to_json()
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

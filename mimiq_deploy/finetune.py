@@ -21,14 +21,12 @@ from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError
-from .io import atomic_write_json, load_torch_file, restore_resume_state, save_resume_state
+from .io import load_torch_file, restore_resume_state, save_resume_state
 from .quant import QuantConfig, calibrate, quant_modules
 from .quant.student import build_student, load_student, ptq_student, save_student  # noqa: F401 (the API's home)
+from .run_dir import RunDir
 from .similarity import global_ssim
 from .synthesize import SynthesisRecipe, load_synthetic, synthesize
-
-STUDENT_FILE = "student.pt"
-STATE_FILE = "finetune_state.pt"
 
 
 @dataclasses.dataclass
@@ -113,7 +111,7 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
 
 
 def refresh_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / f"refresh-{epoch:04d}"
+    return RunDir(run_dir).refresh(epoch).root
 
 
 def refresh_points(recipe: FinetuneRecipe) -> list[int]:
@@ -241,7 +239,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     student = build_student(teacher, cfg)
     calibrate(student, images[:recipe.calib_images].to(device))
 
-    state_path = run_dir / STATE_FILE
+    state_path = RunDir(run_dir).finetune_state
     signature = _signature(cfg, recipe, model_name)
     opt, sched = _optimizer(student, recipe)
     quantizers = list(quant_modules(student).values())
@@ -298,7 +296,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             "refresh_minutes": sum(h.get("refresh_s", 0.0) for h in history) / 60,
             "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
     if rank == 0:
-        save_student(run_dir / STUDENT_FILE, student.cpu(), model_name, checkpoint, cfg, meta)
-        atomic_write_json(run_dir / "finetune.json", {"bits": cfg.name, **meta})
+        rd = RunDir(run_dir)
+        save_student(rd.student, student.cpu(), model_name, checkpoint, cfg, meta)
+        rd.write(rd.finetune_record, {"bits": cfg.name, **meta})
     barrier()
     return meta

@@ -22,10 +22,9 @@ from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError
 from .evaluate import top1_correct
 from .io import atomic_torch_save, atomic_write_json, load_torch_file, read_json
+from .run_dir import SYNTH_DIR, RunDir  # noqa: F401
 from .similarity import head_pair_ssim
 from .zoo import data_config
-
-SYNTH_DIR = "synth"
 
 
 @dataclasses.dataclass
@@ -241,11 +240,11 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
 
 
 def manifest_path(run_dir: Path) -> Path:
-    return Path(run_dir) / SYNTH_DIR / "manifest.json"
+    return RunDir(run_dir).synth_manifest
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / SYNTH_DIR / f"shard_{shard:05d}.pt"
+    return RunDir(run_dir).shard(shard)
 
 
 def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
