@@ -3,7 +3,7 @@
 loss = KL(teacher || student) at temperature T (times T^2) + gamma * L_HAD, where L_HAD
 compares each head's output softmax(QK^T)V of teacher and student (CLS dropped) with SSIM
 without the luminance term, statistics over tokens per channel: 1 - mean SSIM.
-SGD nesterov, step lr decay, SimCLR-style augmentation (DESIGN.md §3).
+SGD nesterov, step lr decay, SimCLR-style augmentation (the MimiQ paper).
 MaskAQ's periodic refresh (option): every K epochs a share of the synthetic set is
 synthesized anew against the current student, sharded and resumable like the first set.
 """

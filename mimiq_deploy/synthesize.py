@@ -1,7 +1,7 @@
 """`mimiq-deploy synthesize`: MimiQ data-free calibration images.
 
 Gaussian noise in the model's normalized input space is optimized with
-L_G = L_IHC + alpha*CE + beta*TV (DESIGN.md §3). MaskAQ's options add a patch-similarity
+L_G = L_IHC + alpha*CE + beta*TV (the MimiQ paper). MaskAQ's options add a patch-similarity
 entropy bonus and, with a quantized student in the loop, masked attention alignment on the
 teacher's informative patches. Every batch is one shard with its own seed,
 so shards are independent: an interrupted run only redoes missing shards, ranks under
