@@ -32,6 +32,7 @@ from mimiq_deploy.data import load_fmnist, normalize_uint8
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student, ptq_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, save_image_set, synthesize
 from mimiq_deploy.teacher import TeacherRecipe, accuracy
 
@@ -135,10 +136,7 @@ def main():
                     teacher, args.recipe, seed, bits, synth["mimiq"], out / f"maskaq-s{seed}-{bits}")
             for row, kind, overrides in plan:
                 run = out / f"{kind}-s{seed}-{bits}-{row.split()[0]}"
-                run.mkdir(parents=True, exist_ok=True)
-                link = run / "synth"
-                if not link.exists():
-                    link.symlink_to((synth[kind] / "synth").resolve(), target_is_directory=True)
+                RunDir(run).link_synthetic(synth[kind])
                 recipe = load_finetune_recipe(args.recipe, {"seed": seed, **overrides})
                 t0 = time.time()
                 finetune(teacher, "fmnist-vit", None, run, parse_bits(bits), recipe,

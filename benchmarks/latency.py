@@ -24,10 +24,10 @@ import onnx
 import torch
 
 from mimiq_deploy.backends import BACKENDS
-from mimiq_deploy.bench import _ort_sampler, profile_breakdown, time_interleaved
+from mimiq_deploy.bench import profile_breakdown, time_interleaved
 from mimiq_deploy.build import build
 from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
-from mimiq_deploy.errors import atomic_write_text
+from mimiq_deploy.io import atomic_write_text
 from mimiq_deploy.export import FLOAT_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import ptq_student
 from mimiq_deploy.quant import parse_bits
@@ -165,7 +165,7 @@ def main():
             x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
             samplers = {}
             for label, path in cands.items():
-                samplers[(label, "ONNX Runtime")] = _ort_sampler(ort_backend.load(path, threads=args.threads), x)
+                samplers[(label, "ONNX Runtime")] = ort_backend.sampler(ort_backend.load(path, threads=args.threads), x)
                 if openvino:
                     try:
                         samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(path, x, args.threads)

@@ -16,6 +16,7 @@ from accuracy import eval_split
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.teacher import accuracy
 
 
@@ -33,9 +34,7 @@ def main():
     for spec in args.variants:
         overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in spec.split(","))}
         run = Path(args.out) / f"{args.bits}-{spec.replace(',', '_').replace('=', '')}"
-        run.mkdir(parents=True, exist_ok=True)
-        if not (run / "synth").exists():
-            (run / "synth").symlink_to((Path(args.data) / "synth").resolve(), target_is_directory=True)
+        RunDir(run).link_synthetic(args.data)
         t0 = time.time()
         finetune(teacher, "fmnist-vit", None, run, parse_bits(args.bits), load_finetune_recipe(args.recipe, overrides),
                  progress=False)

@@ -21,6 +21,7 @@ from accuracy import eval_split, real_images
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, mean_inter_head_similarity, synthesize
 from mimiq_deploy.teacher import accuracy
 
@@ -74,9 +75,7 @@ def main():
             top1 = {}
             for label, extra in (("ptq", {"epochs": 0}), ("finetuned", {})):
                 run = Path(args.out) / f"{name}-s{seed}-{args.bits}-{label}"
-                run.mkdir(parents=True, exist_ok=True)
-                if not (run / "synth").exists():
-                    (run / "synth").symlink_to((set_dir / "synth").resolve(), target_is_directory=True)
+                RunDir(run).link_synthetic(set_dir)
                 recipe = load_finetune_recipe(args.recipe, {"seed": seed, **ft_overrides, **extra})
                 finetune(teacher, "fmnist-vit", None, run, parse_bits(args.bits), recipe, progress=False)
                 top1[label] = accuracy(load_student(run / "student.pt"), x_val, y_val)

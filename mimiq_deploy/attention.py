@@ -10,6 +10,8 @@ from torch import nn
 from timm.layers import maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import Attention as TimmAttention
 
+from .errors import MimiqError
+
 
 class MatMul(nn.Module):
     """`a @ b` as a module, so hooks and quantizers can attach to it."""
@@ -66,6 +68,34 @@ def capture_attention(model: nn.Module) -> nn.Module:
 def attention_modules(model: nn.Module) -> list[ExplicitAttention]:
     """The captured attention blocks in network order."""
     return [m for m in model.modules() if isinstance(m, ExplicitAttention)]
+
+
+class AttentionRecorder:
+    """What the captured attention blocks computed in the last forward, one entry per block in network order:
+    logits, the scaled QK^T logits (B, H, N, N); outputs, the head outputs softmax(QK^T)V (B, H, N, head_dim);
+    maps, the attention maps softmax(QK^T) (detached). Synthesis reads logits, distillation outputs (and maps)."""
+
+    def __init__(self, model, logits: bool = True, outputs: bool = False, maps: bool = False):
+        self.logits, self.outputs, self.maps = [], [], []
+        blocks = attention_modules(model)
+        if not blocks:
+            raise MimiqError("model has no captured attention (load it with mimiq_deploy.models.load_model)")
+        self.handles = [m.qk.register_forward_hook(lambda _m, _i, out: self.logits.append(out))
+                        for m in blocks] if logits else []
+        if outputs or maps:
+            def keep(_m, inputs, out):
+                if outputs:
+                    self.outputs.append(out)
+                if maps:
+                    self.maps.append(inputs[0].detach())
+            self.handles += [m.av.register_forward_hook(keep) for m in blocks]
+
+    def clear(self):
+        self.logits, self.outputs, self.maps = [], [], []
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def token_importance(maps: torch.Tensor, prefix: int) -> torch.Tensor:

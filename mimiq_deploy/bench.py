@@ -12,10 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS
-from .build import read_build, read_export_manifest
-from .errors import atomic_write_json
+from .run_dir import RunDir
 
-BENCH_FILE = "bench.json"
 OP_GROUPS = {  # profile shares are reported per op type and per group
     "integer matmul": ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
                        "DynamicQuantizeMatMul"),
@@ -32,28 +30,6 @@ OP_GROUPS = {  # profile shares are reported per op type and per group
 
 def op_group(op_type: str) -> str:
     return next((g for g, ops in OP_GROUPS.items() if op_type in ops), "other (Add, Mul, ...)")
-
-
-def _ort_sampler(run, x):
-    def sample():
-        t0 = time.perf_counter()
-        run(x)
-        return (time.perf_counter() - t0) * 1000
-    return sample
-
-
-def _trt_sampler(run, x):
-    import torch
-    xd = torch.from_numpy(x).cuda()
-
-    def sample():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(run.stream)
-        run.device_call(xd)
-        end.record(run.stream)
-        end.synchronize()
-        return start.elapsed_time(end)
-    return sample
 
 
 def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_seconds: float = 0.0,
@@ -84,49 +60,45 @@ def profile_breakdown(by_op: dict) -> dict:
 
 def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 100, min_seconds: float = 2.0,
           profile_runs: int = 10, progress=print) -> dict:
-    run_dir = Path(run_dir)
-    built = read_build(run_dir)
-    shape = tuple(read_export_manifest(run_dir)["pretrained_cfg"]["input_size"])
-    arts = {name: art for name, art in built["artifacts"].items()
-            if not art.get("reference")}  # references are for correctness, not deployment candidates
-    runs = {name: BACKENDS[art["backend"]].load(Path(art["path"]), provider=art.get("provider"))
-            for name, art in arts.items()}
+    rd = RunDir(run_dir)
+    built = rd.read_build()
+    shape = tuple(rd.read_export().pretrained_cfg["input_size"])
+    arts = {name: art for name, art in built.artifacts.items()
+            if not art.reference}  # references are for correctness, not deployment candidates
+    runs = {name: BACKENDS[art.backend].load(Path(art.path), provider=art.provider) for name, art in arts.items()}
     rows, profiles = [], []
     for b in batch_sizes:
         x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
-        samplers = {name: (_trt_sampler if arts[name]["backend"] == "tensorrt" else _ort_sampler)(run, x)
-                    for name, run in runs.items()}
+        samplers = {name: BACKENDS[arts[name].backend].sampler(run, x) for name, run in runs.items()}
         times = time_interleaved(samplers, warmup, iters, min_seconds)
         for name, t in times.items():
             t = np.array(t)
-            rows.append({"artifact": name, "precision": arts[name]["precision"], "batch": b, "iters": len(t),
+            rows.append({"artifact": name, "precision": arts[name].precision, "batch": b, "iters": len(t),
                          "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
                          "p99_ms": float(np.percentile(t, 99)), "throughput_ips": float(b * 1000 / t.mean())})
             progress(f"{name} batch {b}: p50 {rows[-1]['p50_ms']:.3f} ms, {rows[-1]['throughput_ips']:.0f} img/s")
         if profile_runs:
             for name, art in arts.items():
-                if art["backend"] == "onnxruntime":
-                    by_op = BACKENDS["onnxruntime"].profile(Path(art["path"]), x, art.get("provider"), profile_runs)
+                backend = BACKENDS[art.backend]
+                if hasattr(backend, "profile"):  # a kernel-time breakdown where the engine has a profiler
+                    by_op = backend.profile(Path(art.path), x, art.provider, profile_runs)
                     profiles.append({"artifact": name, "batch": b, **profile_breakdown(by_op)})
-    report = {"rows": rows, "speedups": _speedups(rows), "profiles": profiles, "skipped": built.get("skipped", {}),
+    twins = {name: art.float_twin for name, art in arts.items()}
+    report = {"rows": rows, "speedups": _speedups(rows, twins), "profiles": profiles, "skipped": built.skipped,
               "interleaved": True}
-    atomic_write_json(run_dir / BENCH_FILE, report)
+    rd.write(rd.bench_record, report)
     return report
 
 
-def _speedups(rows: list[dict]) -> list[dict]:
+def _speedups(rows: list[dict], twins: dict) -> list[dict]:
     """p50 of each float twin over its quantized sibling, per batch (>1: the integer model is faster)."""
     by = {(r["artifact"], r["batch"]): r for r in rows}
     out = []
     for r in rows:
-        if not r["artifact"].endswith(("fp32", "fp16")):
-            parts = r["artifact"].split("-")
-            prefix = "-".join(parts[:2] if parts[0] == "ort" else parts[:1])  # ort-cpu, ort-cuda, trt
-            twin = next((by[(a, r["batch"])] for a, b in by if b == r["batch"] and a.startswith(prefix)
-                         and a.endswith(("fp32", "fp16"))), None)
-            if twin:
-                out.append({"quantized": r["artifact"], "float": twin["artifact"], "batch": r["batch"],
-                            "float_over_quantized_p50": twin["p50_ms"] / r["p50_ms"]})
+        twin = by.get((twins.get(r["artifact"]), r["batch"]))
+        if twin:
+            out.append({"quantized": r["artifact"], "float": twin["artifact"], "batch": r["batch"],
+                        "float_over_quantized_p50": twin["p50_ms"] / r["p50_ms"]})
     return out
 
 

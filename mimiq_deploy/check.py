@@ -1,20 +1,13 @@
-"""`mimiq-deploy check`: static conformance of a QDQ graph with what the engines run (DESIGN.md §4-5)."""
-from collections import defaultdict
-
+"""`mimiq-deploy check`: static conformance of a QDQ graph with what the engines run (README: Support matrix)."""
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .onnx_graph import constants, consumers as consumers_of, producers as producers_of
+
+TARGETS = ("tensorrt", "onnxruntime")  # the back ends' conformance targets (backends/*.py `conformance`)
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FLOAT_ONLY = ("LayerNormalization", "Softmax")  # never fed by a DQ: they run in float
-
-
-def _constants(model: onnx.ModelProto) -> dict:
-    values = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = node.attribute[0].t
-    return values
 
 
 def _is_residual_add(node, producers, consts) -> bool:
@@ -25,18 +18,13 @@ def _is_residual_add(node, producers, consts) -> bool:
 
 def check_graph(model: onnx.ModelProto, target: str) -> list[str]:
     """Violations as 'node name: what is wrong'; empty when the graph conforms."""
-    if target not in ("tensorrt", "onnxruntime"):
+    if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 21:
         problems.append(f"(model): opset {opset}, INT4 QDQ needs opset 21")
-    consts = _constants(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers = defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    consts, producers, consumers = constants(model), producers_of(model), consumers_of(model)
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"{node.name}: custom-domain op {node.domain}::{node.op_type}")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from .check import TARGETS as CHECK_TARGETS
 from .errors import MimiqError
 
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
@@ -133,7 +134,7 @@ def synthesize(model_name, checkpoint, trust, run_dir, num_images, batch_size, s
                                    patch_entropy=patch_entropy, mask_align=mask_align))
     student = tag = None
     if align_student is not None:
-        from .finetune import load_student
+        from .quant.student import load_student
         student = load_student(align_student, trust=trust)
         if student.model_name != model_name:
             raise MimiqError(f"{align_student} is a student of {student.model_name!r}, not of {model_name!r}")
@@ -172,6 +173,7 @@ def finetune(model_name, checkpoint, trust, run_dir, out_dir, bits, epochs, batc
     from .models import load_model
     from .quant import parse_bits
     from .recipes import resolve_recipe_path
+    from .run_dir import RunDir
 
     cfg = parse_bits(bits)
     r = load_finetune_recipe(resolve_recipe_path(recipe, model_name),
@@ -180,22 +182,10 @@ def finetune(model_name, checkpoint, trust, run_dir, out_dir, bits, epochs, batc
                                   refresh_every=refresh_every, refresh_fraction=refresh_fraction))
     out_dir = out_dir or run_dir
     if out_dir != run_dir:
-        _link_synthetic(run_dir, out_dir)
+        RunDir(out_dir).link_synthetic(run_dir)  # a new run directory reuses the synthetic set, not copies it
     meta = run(load_model(model_name, checkpoint, trust=trust), model_name, checkpoint, out_dir, cfg, r)
     click.echo(f"student {cfg.name} written to {Path(out_dir) / 'student.pt'} "
                f"({len(meta['history'])} epochs, {meta['train_minutes']:.1f} min)")
-
-
-def _link_synthetic(src: Path, dst: Path) -> None:
-    """Let a new run directory reuse another's synthetic set without copying it."""
-    from .synthesize import SYNTH_DIR, manifest_path
-
-    if not manifest_path(src).exists():
-        raise MimiqError(f"no synthetic data in {src}: run `mimiq-deploy synthesize --out {src}` first")
-    dst.mkdir(parents=True, exist_ok=True)
-    link = dst / SYNTH_DIR
-    if not link.exists():
-        link.symlink_to(Path(src).resolve() / SYNTH_DIR, target_is_directory=True)
 
 
 run_dir_argument = click.argument("run_dir", type=click.Path(path_type=Path))
@@ -209,10 +199,10 @@ run_dir_argument = click.argument("run_dir", type=click.Path(path_type=Path))
 def export(run_dir, config_path, trust):
     """Fold the student's learned scales into ONNX QDQ graphs (ORT FP32, TensorRT FP16)."""
     from .export import export_student, load_export_config
-    from .finetune import load_student
-    from .verify import _student_path
+    from .quant.student import load_student
+    from .run_dir import RunDir
 
-    student = load_student(_student_path(run_dir), trust=trust)
+    student = load_student(RunDir(run_dir).require_student(), trust=trust)
     manifest = export_student(student, run_dir, load_export_config(config_path), progress=click.echo)
     for note in manifest["notes"].values():
         click.echo(note)
@@ -220,7 +210,7 @@ def export(run_dir, config_path, trust):
 
 @main.command()
 @click.argument("onnx_path", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), required=True)
+@click.option("--target", type=click.Choice(list(CHECK_TARGETS)), required=True)
 def check(onnx_path, target):
     """Static conformance of a QDQ graph with what the target engine runs."""
     import onnx
@@ -278,13 +268,14 @@ def verify_cmd(run_dir, val_dir, data_dir, limit, as_json, trust):
 def bench_cmd(run_dir, batch, as_json):
     """Latency p50/p90/p99 and throughput of each artifact and its float twin."""
     from .bench import bench, format_bench
-    from .build import read_export_manifest
+    from .run_dir import RunDir
 
+    rd = RunDir(run_dir)
     try:
-        sizes = [int(b) for b in batch.split(",")] if batch else read_export_manifest(run_dir)["config"]["batch_sizes"]
+        sizes = [int(b) for b in batch.split(",")] if batch else rd.read_export().config["batch_sizes"]
     except ValueError:
         raise MimiqError(f"--batch takes comma-separated integers, got {batch!r}") from None
-    seconds = read_export_manifest(run_dir)["config"].get("bench_seconds", 2.0)
+    seconds = rd.read_export().config.get("bench_seconds", 2.0)
     report = bench(run_dir, sizes, min_seconds=seconds, progress=(lambda m: None) if as_json else click.echo)
     click.echo(json.dumps(report) if as_json else format_bench(report))
 

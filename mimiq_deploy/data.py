@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import ImageNetInfo, create_transform
 from torch.utils.data import Dataset, TensorDataset
+from torchvision.datasets import ImageFolder
 
 from .errors import MimiqError
 
@@ -77,9 +79,6 @@ def fmnist_eval_dataset(data_cfg: dict, data_dir: Path | None = None, split: str
 
 def imagenet_folder_dataset(val_dir: Path, data_cfg: dict, num_classes: int) -> Dataset:
     """An ImageNet-style folder (one subfolder per synset, e.g. n01440764) in timm's class order."""
-    from timm.data import ImageNetInfo, create_transform
-    from torchvision.datasets import ImageFolder
-
     val_dir = Path(val_dir)
     if not val_dir.is_dir():
         raise MimiqError(f"--val-dir {val_dir} is not a directory")

@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import MimiqError
+from .onnx_graph import constants, consumers, initializers, producers, raise_opset, replace_nodes
 
 DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 ENV_VNNI = "MIMIQ_CPU_VNNI"   # "1" / "0": pretend the host has / lacks VNNI (tests, cross-building)
@@ -78,7 +79,7 @@ def reencode(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool =
     weight codes moved into 8-bit containers when asked. Values are unchanged; INT4 activations stay INT4."""
     if encoding not in ENCODINGS:
         raise MimiqError(f"unknown 8-bit encoding {encoding!r}: choose {' or '.join(ENCODINGS)}")
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializers(model)
     eight = (TensorProto.INT8, TensorProto.UINT8)
     todo = {}
     for node in model.graph.node:
@@ -97,9 +98,7 @@ def reencode(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool =
                 todo[weight.name] = weight
     for name, t in todo.items():
         t.CopyFrom(_encode(name, _codes(t), encoding))
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, 21)
+    raise_opset(model, 21)
     return model
 
 
@@ -111,14 +110,10 @@ def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     computes ((code - zero point) * scale in float32), once instead of at every call. ORT runs these ops in
     float either way (no quantized output to fuse with), and a constant weight lets it pick its fast
     layouts (NCHWc convolutions, pre-packed Gemm)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
+    inits, readers = initializers(model), consumers(model)
     keep, added = [], []
     for node in model.graph.node:
-        users = consumers.get(node.output[0], []) if node.output else []
+        users = [u.op_type for u in readers.get(node.output[0], [])] if node.output else []
         if (node.op_type == "DequantizeLinear" and node.input[0] in inits and users
                 and all(u in FLOAT_CONSUMERS for u in users)
                 and not any(a.name == "block_size" and a.i > 0 for a in node.attribute)):
@@ -133,27 +128,7 @@ def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
                                                  node.output[0]))
         else:
             keep.append(node)
-    return _replace_nodes(model, keep, added)
-
-
-def _replace_nodes(model: onnx.ModelProto, nodes: list, added: list) -> onnx.ModelProto:
-    """The graph's nodes become `nodes`, `added` initializers join, initializers nobody reads go."""
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(added)
-    used = {name for node in nodes for name in node.input} | {o.name for o in model.graph.output}
-    live = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(live)
-    return model
-
-
-def _constant_values(model: onnx.ModelProto) -> dict:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+    return replace_nodes(model, keep, added)
 
 
 def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -161,13 +136,8 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     becomes three projections MatMul -> Add -> Reshape (B, N, H, D) -> Transpose: the split is folded into the
     weights (their columns, scales and biases sliced), so no float Split / 5-D Transpose of the qkv tensor runs.
     Each output element is the same dot product with the same scales: the integer kernels give the same values."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = _constant_values(model)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    users = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    inits, consts = initializers(model), {k: numpy_helper.to_array(v) for k, v in constants(model).items()}
+    producer, users = producers(model), consumers(model)
     drop, replace, added = set(), {}, []
     for split in (n for n in model.graph.node if n.op_type == "Split" and len(n.output) == 3):
         tr = producer.get(split.input[0])
@@ -242,7 +212,7 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     needed = {name for node in nodes for name in node.input}
     nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # split sizes, squeeze axes
-    return _replace_nodes(model, nodes, added)
+    return replace_nodes(model, nodes, added)
 
 
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
@@ -253,7 +223,7 @@ def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool
 
 def encoding_of(model: onnx.ModelProto) -> dict:
     """Counts of Q/DQ zero-point types: what a built graph stores (for reports and tests)."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializers(model)
     counts = {}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:

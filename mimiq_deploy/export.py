@@ -10,27 +10,24 @@ Each graph passes `check` (check.py) before it is written.
 """
 import dataclasses
 import io
-import os
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnxconverter_common import float16
 
-from .config import dataclass_from, read_toml
-from .errors import MimiqError, atomic_write_json
+from .check import check_graph
+from .config import dataclass_from, read_toml, with_defaults
+from .errors import MimiqError
+from .io import atomic_write
+from .onnx_graph import consumers, copy_model, initializers, raise_opset, replace_nodes
 from .quant.convert import set_quant_enabled
 from .quant.quantizer import qrange
-
-EXPORT_DIR = "export"
-QDQ_ONNX = "model_qdq.onnx"           # FP32 QDQ graph for ONNX Runtime
-FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantization)
-TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
-TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
-W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
+from .run_dir import (EXPORT_DIR, FLOAT_ONNX, QDQ_ONNX, TRT_FLOAT_ONNX, TRT_ONNX, W4A16_ONNX,  # noqa: F401
+                      ExportRecord, RunDir)
 
 
 @dataclasses.dataclass
@@ -50,11 +47,21 @@ class ExportConfig:
     bench_seconds: float = 2.0     # bench: least measured time per artifact and batch
 
 
-def load_export_config(path: str | Path | None) -> ExportConfig:
-    cfg = dataclass_from(ExportConfig, read_toml(path), str(path)) if path else ExportConfig()
+def export_config(values: dict, where: str) -> ExportConfig:
+    """An ExportConfig from a TOML table or a stored record, validated."""
+    cfg = dataclass_from(ExportConfig, values, where)
     if cfg.ort_int8 not in ("auto", "uint8", "int8"):
-        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {path}: choose \"auto\", \"uint8\" or \"int8\"")
+        raise MimiqError(f"ort_int8 = {cfg.ort_int8!r} in {where}: choose \"auto\", \"uint8\" or \"int8\"")
     return cfg
+
+
+def load_export_config(path: str | Path | None) -> ExportConfig:
+    return export_config(read_toml(path), str(path)) if path else ExportConfig()
+
+
+def stored_export_config(stored: dict, where: str) -> ExportConfig:
+    """The config an export recorded, completed with the defaults of keys added since (older runs)."""
+    return export_config(with_defaults(ExportConfig, stored), where)
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size, opset: int) -> onnx.ModelProto:
@@ -99,6 +106,65 @@ def _zero_point(name: str, bits: int, shape=(), uint8: bool = False) -> TensorPr
     return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits, uint8)
 
 
+def _lower_weight(node, scale, w, bits: int, narrow: bool, axis: int, follow: list, target: str, block_size: int,
+                  uint8: bool) -> tuple[list, list, onnx.NodeProto | None]:
+    """A placeholder on a weight: its integer codes feeding one DequantizeLinear.
+    Returns (nodes, initializers, the Transpose it absorbed or None)."""
+    out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
+    qmin, qmax = qrange(bits, narrow)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    codes = np.clip(np.rint(w / scale.reshape(shape)), qmin, qmax)  # float32 division, as torch
+    full_scale = np.broadcast_to(scale.reshape(shape), w.shape)
+    absorbed = None
+    if (w.ndim == 2 and len(follow) == 1 and follow[0].op_type == "Transpose"
+            and list(helper.get_attribute_value(follow[0].attribute[0])) == [1, 0]):
+        codes, full_scale, axis = codes.T, full_scale.T, 1 - axis  # MatMul layout (in, out)
+        absorbed = follow[0]
+        out = follow[0].output[0]
+    dq_attrs, store_bits, scale_arr = {"axis": axis}, bits, scale
+    if bits == 4 and target == "tensorrt":
+        if w.ndim == 2:
+            in_axis = 1 - axis
+            block = block_size if codes.shape[in_axis] % block_size == 0 else codes.shape[in_axis]
+            scale_arr = np.ascontiguousarray(np.take(full_scale, np.arange(0, codes.shape[in_axis], block),
+                                                     axis=in_axis))
+            dq_attrs = {"axis": in_axis, "block_size": block}
+        else:
+            store_bits = 8  # INT4 codes in an INT8 container: same values, convs have no INT4 path
+    inits = [_int_tensor(f"{tag}_codes", codes, store_bits, uint8),
+             numpy_helper.from_array(scale_arr.astype(np.float32), f"{tag}_scale"),
+             _zero_point(f"{tag}_zp", store_bits, scale_arr.shape, uint8)]
+    nodes = [helper.make_node("DequantizeLinear", [f"{tag}_codes", f"{tag}_scale", f"{tag}_zp"], [out],
+                              name=f"{tag}_DequantizeLinear", **dq_attrs)]
+    return nodes, inits, absorbed
+
+
+def _lower_activation(node, x: str, scale, bits: int, uint8: bool) -> tuple[list, list]:
+    """A placeholder on an activation: per-tensor QuantizeLinear -> DequantizeLinear."""
+    out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
+    inits = [numpy_helper.from_array(scale.reshape(()).astype(np.float32), f"{tag}_scale"),
+             _zero_point(f"{tag}_zp", bits, (), uint8)]
+    nodes = [helper.make_node("QuantizeLinear", [x, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
+                              name=f"{tag}_QuantizeLinear"),
+             helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [out],
+                              name=f"{tag}_DequantizeLinear")]
+    return nodes, inits
+
+
+def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int]:
+    """(input, scale, bits, narrow, axis) of a `mimiq::FakeQuant` node, refused where ONNX has no type for it."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bits, narrow, axis = attrs["bits"], bool(attrs["narrow"]), attrs["axis"]
+    if bits not in (4, 8):
+        raise MimiqError(f"{bits}-bit tensors have no ONNX integer type: export supports INT8 and INT4 "
+                         "(w4a4, w4a8, w8a4, w8a8)")
+    x, s = node.input
+    if s not in inits:
+        raise MimiqError(f"scale of {node.name} is not a constant")
+    return x, numpy_helper.to_array(inits[s]).astype(np.float32), bits, narrow, axis
+
+
 def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_size: int = 32,
                      weight_only: bool = False, uint8: bool = False) -> onnx.ModelProto:
     """Replace every `mimiq::FakeQuant` placeholder by integer weights + DQ or activation Q -> DQ.
@@ -108,95 +174,43 @@ def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_
     (TensorRT's INT4 path: INT4 weights, float activations). uint8: 8-bit tensors stored as
     uint8 with zero point 128 instead of int8 with zero point 0 (exactly the same values).
     """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    inits, users = initializers(model), consumers(model)
     dropped, nodes, new_inits, rename = set(), [], [], {}
-    for node in graph.node:
+    for node in model.graph.node:
         if id(node) in dropped:
             continue
         if node.domain != "mimiq":
             nodes.append(node)
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        bits, narrow, axis = attrs["bits"], bool(attrs["narrow"]), attrs["axis"]
-        if bits not in (4, 8):
-            raise MimiqError(f"{bits}-bit tensors have no ONNX integer type: export supports INT8 and INT4 "
-                             "(w4a4, w4a8, w8a4, w8a8)")
-        x, s = node.input
-        if s not in inits:
-            raise MimiqError(f"scale of {node.name} is not a constant")
-        scale = numpy_helper.to_array(inits[s]).astype(np.float32)
-        out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
-        qmin, qmax = qrange(bits, narrow)
+        x, scale, bits, narrow, axis = _placeholder(node, inits)
         if x in inits:  # a weight: store its integer codes
             w = numpy_helper.to_array(inits[x]).astype(np.float32)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            codes = np.clip(np.rint(w / scale.reshape(shape)), qmin, qmax)  # float32 division, as torch
-            full_scale = np.broadcast_to(scale.reshape(shape), w.shape)
-            follow = consumers[out]
-            if (w.ndim == 2 and len(follow) == 1 and follow[0].op_type == "Transpose"
-                    and list(helper.get_attribute_value(follow[0].attribute[0])) == [1, 0]):
-                codes, full_scale, axis = codes.T, full_scale.T, 1 - axis  # MatMul layout (in, out)
-                dropped.add(id(follow[0]))
-                out = follow[0].output[0]
-            dq_attrs, store_bits, scale_arr = {"axis": axis}, bits, scale
-            if bits == 4 and target == "tensorrt":
-                if w.ndim == 2:
-                    in_axis = 1 - axis
-                    block = block_size if codes.shape[in_axis] % block_size == 0 else codes.shape[in_axis]
-                    scale_arr = np.ascontiguousarray(np.take(full_scale, np.arange(0, codes.shape[in_axis], block),
-                                                             axis=in_axis))
-                    dq_attrs = {"axis": in_axis, "block_size": block}
-                else:
-                    store_bits = 8  # INT4 codes in an INT8 container: same values, convs have no INT4 path
-            new_inits += [_int_tensor(f"{tag}_codes", codes, store_bits, uint8),
-                          numpy_helper.from_array(scale_arr.astype(np.float32), f"{tag}_scale"),
-                          _zero_point(f"{tag}_zp", store_bits, scale_arr.shape, uint8)]
-            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_codes", f"{tag}_scale", f"{tag}_zp"], [out],
-                                          name=f"{tag}_DequantizeLinear", **dq_attrs))
+            lowered, added, absorbed = _lower_weight(node, scale, w, bits, narrow, axis, users[node.output[0]],
+                                                     target, block_size, uint8)
+            if absorbed is not None:
+                dropped.add(id(absorbed))
         elif weight_only:
-            rename[out] = x
-        else:  # an activation: per-tensor Q -> DQ
-            new_inits += [numpy_helper.from_array(scale.reshape(()).astype(np.float32), f"{tag}_scale"),
-                          _zero_point(f"{tag}_zp", bits, (), uint8)]
-            nodes.append(helper.make_node("QuantizeLinear", [x, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
-                                          name=f"{tag}_QuantizeLinear"))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [out],
-                                          name=f"{tag}_DequantizeLinear"))
-    for node in nodes:
+            rename[node.output[0]] = x
+            continue
+        else:
+            lowered, added = _lower_activation(node, x, scale, bits, uint8)
+        nodes += lowered
+        new_inits += added
+    for node in nodes:  # weight-only: readers of a dropped activation placeholder read its input
         for i, name in enumerate(node.input):
             while name in rename:
                 name = rename[name]
             node.input[i] = name
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
-    _drop_unused_initializers(model)
+    replace_nodes(model, nodes, new_inits)
     keep = [o for o in model.opset_import if o.domain != "mimiq"]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, 21)
+    raise_opset(model, 21)
     return model
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def to_fp16(model: onnx.ModelProto, fp16_io: bool) -> onnx.ModelProto:
     """FP16 compute for TensorRT's strongly typed networks; LayerNorm and softmax stay FP32."""
-    from onnxconverter_common import float16
-
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization", "Softmax"]
     del model.graph.value_info[:]  # stale FP32 types; the converter infers them afresh
     with warnings.catch_warnings():
@@ -220,22 +234,17 @@ def read_onnx(path: Path) -> onnx.ModelProto:
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Validate, then write atomically."""
     onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    onnx.save(model, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
 def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) -> dict:
     """Write the ORT and TensorRT graphs (and their float twins) of `student` to run_dir/export."""
-    from .check import check_graph
-
     qc = student.quant_config
     if qc.weight_bits not in (4, 8) or qc.act_bits not in (4, 8):
         raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "
                          "(w4a4, w4a8, w8a4, w8a8); fake-quant eval works for any wXaY")
     input_size = tuple(student.pretrained_cfg["input_size"])
-    out_dir = Path(run_dir) / EXPORT_DIR
+    rd = RunDir(run_dir)
     raw = torch_to_onnx(student, input_size, cfg.opset)
     set_quant_enabled(student, False)
     try:
@@ -244,20 +253,20 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
         set_quant_enabled(student, True)
     # The exported graph is hardware-neutral: uint8 with zero point 128 (unless ort_int8 = "int8") is exact on
     # every CPU. `build` re-encodes it for its host (encoding.py): int8 / zero point 0 where the CPU has VNNI.
-    ort_graph = lower_fake_quant(_copy(raw), "onnxruntime", uint8=cfg.ort_int8 != "int8")
+    ort_graph = lower_fake_quant(copy_model(raw), "onnxruntime", uint8=cfg.ort_int8 != "int8")
     graphs = {QDQ_ONNX: ("onnxruntime", ort_graph), FLOAT_ONNX: (None, float_model)}
     notes = {}
     if qc.weight_bits == 4:  # INT4 storage with float activations: block-wise INT4 weights -> MatMulNBits
-        w4a16 = lower_fake_quant(_copy(raw), "tensorrt", cfg.int4_block_size, weight_only=True)
+        w4a16 = lower_fake_quant(copy_model(raw), "tensorrt", cfg.int4_block_size, weight_only=True)
         graphs[W4A16_ONNX] = ("onnxruntime", w4a16)
     if qc.act_bits == 4:
         notes["tensorrt"] = (f"{qc.name} not built for TensorRT: it has no INT4 activation kernels; "
                              "deployable there are w4a8 (INT4 weight-only) and w8a8")
     else:
         weight_only = qc.weight_bits == 4
-        trt = lower_fake_quant(_copy(raw), "tensorrt", cfg.int4_block_size, weight_only=weight_only)
+        trt = lower_fake_quant(copy_model(raw), "tensorrt", cfg.int4_block_size, weight_only=weight_only)
         graphs[TRT_ONNX] = ("tensorrt", to_fp16(trt, cfg.fp16_io))
-        graphs[TRT_FLOAT_ONNX] = (None, to_fp16(_copy(float_model), cfg.fp16_io))
+        graphs[TRT_FLOAT_ONNX] = (None, to_fp16(copy_model(float_model), cfg.fp16_io))
         if weight_only:
             notes["tensorrt"] = f"{qc.name} runs in TensorRT as INT4 weight-only (w4a16): activations in FP16"
     for name, (target, graph) in graphs.items():
@@ -265,19 +274,12 @@ def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) ->
             violations = check_graph(graph, target)
             if violations:
                 raise MimiqError(f"{name} fails the {target} check ({len(violations)} violations), first: {violations[0]}")
-        save_onnx(graph, out_dir / name)
-        progress(f"wrote {out_dir / name}")
-    manifest = {"bits": qc.name, "config": dataclasses.asdict(cfg), "graphs": sorted(graphs), "notes": notes,
-                "pretrained_cfg": _jsonable(student.pretrained_cfg), "model_name": getattr(student, "model_name", None),
-                "num_classes": student.num_classes}  # the head's, which a checkpoint may change from pretrained_cfg
-    atomic_write_json(out_dir / "export.json", manifest)
-    return manifest
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
+        save_onnx(graph, rd.graph(name))
+        progress(f"wrote {rd.graph(name)}")
+    record = ExportRecord(qc.name, dataclasses.asdict(cfg), sorted(graphs), notes, _jsonable(student.pretrained_cfg),
+                          getattr(student, "model_name", None), student.num_classes)
+    rd.write_export(record)
+    return record.to_json()
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -3,11 +3,10 @@
 loss = KL(teacher || student) at temperature T (times T^2) + gamma * L_HAD, where L_HAD
 compares each head's output softmax(QK^T)V of teacher and student (CLS dropped) with SSIM
 without the luminance term, statistics over tokens per channel: 1 - mean SSIM.
-SGD nesterov, step lr decay, SimCLR-style augmentation (DESIGN.md §3).
+SGD nesterov, step lr decay, SimCLR-style augmentation (the MimiQ paper).
 MaskAQ's periodic refresh (option): every K epochs a share of the synthetic set is
 synthesized anew against the current student, sharded and resumable like the first set.
 """
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -15,17 +14,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .attention import attention_modules, token_importance
+from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save, atomic_write_json, load_torch_file
-from .quant import QuantConfig, calibrate, quant_modules, quantize_model
+from .errors import MimiqError
+from .io import load_torch_file, restore_resume_state, save_resume_state
+from .quant import QuantConfig, calibrate, quant_modules
+from .quant.student import build_student, load_student, ptq_student, save_student  # noqa: F401 (the API's home)
+from .run_dir import RunDir
 from .similarity import global_ssim
-
-STUDENT_FILE = "student.pt"
-STATE_FILE = "finetune_state.pt"
+from .synthesize import SynthesisRecipe, load_synthetic, synthesize
 
 
 @dataclasses.dataclass
@@ -68,7 +69,6 @@ class SimCLRAugment:
     """Random resized crop, flip, colour jitter, grayscale and blur, per image, in pixel space."""
 
     def __init__(self, mean, std, size):
-        from torchvision.transforms import v2
         channels = len(mean)
         jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1) if channels == 3 else v2.ColorJitter(0.4, 0.4)
         ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
@@ -86,26 +86,6 @@ class SimCLRAugment:
         pixels = (x * std + mean).clamp(0, 1)
         out = torch.stack([self.transform(img) for img in pixels])
         return (out - mean) / std
-
-
-class HeadOutputRecorder:
-    """Each captured attention block's head outputs softmax(QK^T)V of the last forward (and, with maps, its attention maps)."""
-
-    def __init__(self, model, maps: bool = False):
-        self.outputs, self.maps = [], []
-
-        def keep(_m, inputs, out):
-            self.outputs.append(out)
-            if maps:
-                self.maps.append(inputs[0].detach())
-        self.handles = [m.av.register_forward_hook(keep) for m in attention_modules(model)]
-
-    def clear(self):
-        self.outputs, self.maps = [], []
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def had_loss(teacher_heads, student_heads, prefix: int, teacher_maps=None) -> torch.Tensor:
@@ -130,25 +110,8 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
                     reduction="batchmean") * temperature ** 2
 
 
-def build_student(teacher, cfg: QuantConfig):
-    """A deep copy of the teacher with fake quantizers (weights' step sizes initialized), all of it trainable.
-
-    The copy must not inherit the frozen teacher's requires_grad=False: that trained only the step sizes."""
-    student = quantize_model(copy.deepcopy(teacher), cfg)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    return student
-
-
-def ptq_student(teacher, cfg: QuantConfig, images: torch.Tensor):
-    """The student calibrated on `images`, not fine-tuned (what MaskAQ's first synthesis aligns with)."""
-    student = build_student(teacher, cfg)
-    calibrate(student, images.to(next(teacher.parameters()).device))
-    return student
-
-
 def refresh_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / f"refresh-{epoch:04d}"
+    return RunDir(run_dir).refresh(epoch).root
 
 
 def refresh_points(recipe: FinetuneRecipe) -> list[int]:
@@ -160,8 +123,6 @@ def refresh_points(recipe: FinetuneRecipe) -> list[int]:
 def refreshed_images(images: torch.Tensor, run_dir: Path, points: list[int]) -> torch.Tensor:
     """The training set after the refreshes at `points`: the i-th refresh's images replace the
     next slice of the set (wrapping around), so successive refreshes rotate through it."""
-    from .synthesize import load_synthetic
-
     images = images.clone()
     for i, epoch in enumerate(points):
         new = load_synthetic(refresh_dir(run_dir, epoch))[0]
@@ -172,48 +133,20 @@ def refreshed_images(images: torch.Tensor, run_dir: Path, points: list[int]) -> 
 def refresh(teacher, student, model_name: str, run_dir: Path, epoch: int, count: int, synth_recipe, cfg: QuantConfig,
             progress: bool) -> None:
     """Synthesize `count` new images against the student after `epoch` epochs (resumable)."""
-    from .synthesize import synthesize
-
     recipe = dataclasses.replace(synth_recipe, num_images=count, seed=synth_recipe.seed + 10_000 * epoch)
     synthesize(teacher, model_name, refresh_dir(run_dir, epoch), recipe, progress,
                student=student, student_tag=f"{cfg.name} student after epoch {epoch}")
 
 
-def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
-    atomic_torch_save({"format": "mimiq-student-v1", "model_name": model_name,
-                       "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-                       "bits": cfg.name, "input_bits": cfg.input_bits, "state_dict": student.state_dict(),
-                       "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
-
-
-def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cfg: QuantConfig,
-             recipe: FinetuneRecipe, progress: bool = True, synth_recipe=None) -> dict:
-    """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt.
-
-    Resumable: run_dir/finetune_state.pt holds the state after each epoch.
-    synth_recipe: how refreshes synthesize (recipe.refresh_every > 0); default: as the set was made.
-    """
-    from .synthesize import SynthesisRecipe, load_synthetic
-
-    run_dir = Path(run_dir)
-    images, _, manifest = load_synthetic(run_dir)
-    if recipe.refresh_every and synth_recipe is None:
-        synth_recipe = SynthesisRecipe(**with_defaults(SynthesisRecipe, manifest["recipe"]))
-    if manifest.get("model") != model_name:
-        raise MimiqError(f"{run_dir} holds images of {manifest.get('model')!r}, not {model_name!r}")
-    rank, world = init_from_env()
-    device = device_for_rank(rank)
-    torch.manual_seed(recipe.seed)
+def _frozen(teacher, device):
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = build_student(teacher, cfg)
-    calibrate(student, images[:recipe.calib_images].to(device))
+    return teacher
 
-    state_path = run_dir / STATE_FILE
-    signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
-    if cfg.act_bits < cfg.input_bits:  # states from before the 8-bit image input are not resumed into it
-        signature["input_bits"] = cfg.input_bits
+
+def _optimizer(student, recipe: FinetuneRecipe):
+    """SGD nesterov with step decay; the weight step sizes frozen or on their own learning rate as the recipe says."""
     if not recipe.learn_weight_scales:
         for name, p in student.named_parameters():
             if name.endswith("weight_quant.scale"):
@@ -224,22 +157,96 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
         groups = [{"params": [p for p in groups[0]["params"] if id(p) not in is_scale]},
                   {"params": [p for p in groups[0]["params"] if id(p) in is_scale], "lr": recipe.scale_lr}]
     opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
+
+
+def _signature(cfg: QuantConfig, recipe: FinetuneRecipe, model_name: str) -> dict:
+    """What a resume state must have been made with to be continued."""
+    signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
+    if cfg.act_bits < cfg.input_bits:  # states from before the 8-bit image input are not resumed into it
+        signature["input_bits"] = cfg.input_bits
+    return signature
+
+
+def _resume(state_path: Path, signature: dict, objects: dict) -> tuple[int, list, float]:
+    """(first epoch to run, history, seconds so far), restoring `objects` from a resume state when there is one."""
+    if not state_path.exists():
+        return 0, [], 0.0
+    state = load_torch_file(state_path, "fine-tuning resume state", own=True)
+    stored = {**state["signature"], "recipe": with_defaults(FinetuneRecipe, state["signature"]["recipe"])}
+    if stored != signature:
+        raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
+                         "other recipe): remove it or use another run directory")
+    restore_resume_state(state, objects)
+    return state["epoch"], state["history"], state["seconds"]
+
+
+def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: FinetuneRecipe, augment, prefix: int,
+                 device, bar) -> dict:
+    """One pass over the loader: KL (+ gamma * L_HAD) steps; returns the summed losses."""
+    sums = {"loss": 0.0, "kl": 0.0, "had": 0.0}
+    for (x,) in bar:
+        x = x.to(device)
+        if augment:
+            x = augment(x)
+        t_rec.clear(), s_rec.clear()
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = model(x)
+        kl = kd_loss(s_logits, t_logits, recipe.temperature)
+        loss = kl
+        if recipe.had:
+            had = had_loss(t_rec.outputs, s_rec.outputs, prefix, t_rec.maps if recipe.had_token_weight else None)
+            loss = loss + recipe.gamma * had
+            sums["had"] += had.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for q in quantizers:
+            q.project_scale()
+        sums["loss"] += loss.item()
+        sums["kl"] += kl.item()
+        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
+    return sums
+
+
+def _loader(images, recipe: FinetuneRecipe, epoch: int, gen, rank: int, world: int) -> DataLoader:
+    data = TensorDataset(images)
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
+    if sampler:
+        sampler.set_epoch(epoch)
+    gen.manual_seed(recipe.seed * 1000 + epoch)  # the epoch's order does not depend on a resume
+    return DataLoader(data, recipe.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=True)
+
+
+def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cfg: QuantConfig,
+             recipe: FinetuneRecipe, progress: bool = True, synth_recipe=None) -> dict:
+    """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt.
+
+    Resumable: run_dir/finetune_state.pt holds the state after each epoch.
+    synth_recipe: how refreshes synthesize (recipe.refresh_every > 0); default: as the set was made.
+    """
+    run_dir = Path(run_dir)
+    images, _, manifest = load_synthetic(run_dir)
+    if recipe.refresh_every and synth_recipe is None:
+        synth_recipe = SynthesisRecipe(**with_defaults(SynthesisRecipe, manifest["recipe"]))
+    if manifest.get("model") != model_name:
+        raise MimiqError(f"{run_dir} holds images of {manifest.get('model')!r}, not {model_name!r}")
+    rank, world = init_from_env()
+    device = device_for_rank(rank)
+    torch.manual_seed(recipe.seed)
+    teacher = _frozen(teacher, device)
+    student = build_student(teacher, cfg)
+    calibrate(student, images[:recipe.calib_images].to(device))
+
+    state_path = RunDir(run_dir).finetune_state
+    signature = _signature(cfg, recipe, model_name)
+    opt, sched = _optimizer(student, recipe)
     quantizers = list(quant_modules(student).values())
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
-    start_epoch, history, seconds = 0, [], 0.0
-    if state_path.exists():
-        state = load_torch_file(state_path, "fine-tuning resume state", own=True)
-        stored = {**state["signature"], "recipe": with_defaults(FinetuneRecipe, state["signature"]["recipe"])}
-        if stored != signature:
-            raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
-                             "other recipe): remove it or use another run directory")
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
-        if rank == 0 and start_epoch < recipe.epochs:
-            print(f"resuming fine-tuning at epoch {start_epoch + 1}/{recipe.epochs}")
+    objects = {"student": student, "opt": opt, "sched": sched}
+    start_epoch, history, seconds = _resume(state_path, signature, objects)
+    if rank == 0 and 0 < start_epoch < recipe.epochs:
+        print(f"resuming fine-tuning at epoch {start_epoch + 1}/{recipe.epochs}")
 
     model = student
     if world > 1:
@@ -250,7 +257,6 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     images = refreshed_images(initial_images, run_dir, [p for p in points if p < start_epoch])
     gen = torch.Generator().manual_seed(recipe.seed)
     augment = SimCLRAugment(manifest["mean"], manifest["std"], tuple(manifest["input_size"][1:])) if recipe.augment else None
-    prefix = teacher.num_prefix_tokens
     t_rec = s_rec = None
     try:
         for epoch in range(start_epoch, recipe.epochs):
@@ -263,41 +269,14 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
                 images = refreshed_images(initial_images, run_dir, [p for p in points if p <= epoch])
                 refresh_s = time.time() - t0
             # recorders live only while training: synthesis forwards must not feed them
-            t_rec, s_rec = HeadOutputRecorder(teacher, maps=recipe.had_token_weight), HeadOutputRecorder(student)
-            data = TensorDataset(images)
-            sampler = DistributedSampler(data, world, rank, shuffle=True, seed=recipe.seed) if world > 1 else None
-            if sampler:
-                sampler.set_epoch(epoch)
-            gen.manual_seed(recipe.seed * 1000 + epoch)  # the epoch's order does not depend on a resume
-            loader = DataLoader(data, recipe.batch_size, shuffle=sampler is None, sampler=sampler,
-                                generator=gen, drop_last=True)
+            t_rec = AttentionRecorder(teacher, logits=False, outputs=True, maps=recipe.had_token_weight)
+            s_rec = AttentionRecorder(student, logits=False, outputs=True)
+            loader = _loader(images, recipe, epoch, gen, rank, world)
             model.train()
-            sums = {"loss": 0.0, "kl": 0.0, "had": 0.0}
             bar = tqdm(loader, desc=f"finetune {cfg.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
                        disable=not progress or rank != 0)
-            for (x,) in bar:
-                x = x.to(device)
-                if augment:
-                    x = augment(x)
-                t_rec.clear(), s_rec.clear()
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                s_logits = model(x)
-                kl = kd_loss(s_logits, t_logits, recipe.temperature)
-                loss = kl
-                if recipe.had:
-                    had = had_loss(t_rec.outputs, s_rec.outputs, prefix,
-                                   t_rec.maps if recipe.had_token_weight else None)
-                    loss = loss + recipe.gamma * had
-                    sums["had"] += had.item()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for q in quantizers:
-                    q.project_scale()
-                sums["loss"] += loss.item()
-                sums["kl"] += kl.item()
-                bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
+            sums = _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe, augment,
+                                teacher.num_prefix_tokens, device, bar)
             t_rec.remove(), s_rec.remove()
             sched.step()
             seconds += time.time() - t0
@@ -307,9 +286,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             if rank == 0:
                 tqdm.write(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]['loss']:.4f} "
                            f"kl {history[-1]['kl']:.4f} had {history[-1]['had']:.4f} ({seconds / 60:.1f} min)")
-                atomic_torch_save({"signature": signature, "student": student.state_dict(), "opt": opt.state_dict(),
-                                   "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                   "epoch": epoch + 1, "history": history, "seconds": seconds}, state_path)
+                save_resume_state(state_path, objects, signature=signature, epoch=epoch + 1, history=history,
+                                  seconds=seconds)
             barrier()
     finally:
         if t_rec:
@@ -318,38 +296,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             "refresh_minutes": sum(h.get("refresh_s", 0.0) for h in history) / 60,
             "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
     if rank == 0:
-        save_student(run_dir / STUDENT_FILE, student.cpu(), model_name, checkpoint, cfg, meta)
-        atomic_write_json(run_dir / "finetune.json", {"bits": cfg.name, **meta})
+        rd = RunDir(run_dir)
+        save_student(rd.student, student.cpu(), model_name, checkpoint, cfg, meta)
+        rd.write(rd.finetune_record, {"bits": cfg.name, **meta})
     barrier()
     return meta
-
-
-def load_student(path: Path, trust: bool = False):
-    """The fake-quant student of a `student.pt`, in eval mode.
-
-    student.pt is always loaded without running code (mimiq-deploy writes only plain values);
-    trust applies to the teacher checkpoint it names (`--trust-checkpoint`)."""
-    from .models import load_model
-    from .quant import parse_bits
-
-    ckpt = load_torch_file(Path(path), "student checkpoint", own=True)
-    if not isinstance(ckpt, dict):
-        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
-    if ckpt.get("format") != "mimiq-student-v1":
-        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
-    teacher = load_model(ckpt["model_name"], ckpt["teacher_checkpoint"], trust=trust)
-    cfg = parse_bits(ckpt["bits"])
-    # students written before input_bits existed quantized the image at the activation width
-    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits))
-    student = build_student(teacher, cfg)
-    state = dict(ckpt["state_dict"])
-    for name, value in student.state_dict().items():
-        if name.endswith("scale_floor"):  # only used in training; absent from older checkpoints
-            state.setdefault(name, value)
-    try:
-        student.load_state_dict(state)
-    except RuntimeError:
-        raise MimiqError(f"{path} does not match the {ckpt['model_name']} teacher it names "
-                         "(was the teacher checkpoint replaced?)") from None
-    student.model_name = ckpt["model_name"]
-    return student.eval()

@@ -10,8 +10,21 @@ import json
 import time
 from pathlib import Path
 
-from .errors import MimiqError, atomic_write_json, read_json, run_dir_lock
+from .bench import bench
+from .build import build
+from .config import with_defaults
+from .errors import MimiqError
+from .export import ExportConfig, export_student, load_export_config
+from .finetune import FinetuneRecipe, finetune, load_finetune_recipe
+from .io import run_dir_lock
+from .models import load_model
+from .quant import QuantConfig, parse_bits
+from .quant.student import load_student, ptq_student
 from .recipes import config_dir, resolve_recipe_path
+from .report import write_report
+from .run_dir import RunDir
+from .synthesize import SynthesisRecipe, is_complete, load_synthesis_recipe, load_synthetic, synthesize
+from .verify import verify
 
 PRESETS = {"fast": "fmnist-vit-fast.toml"}
 
@@ -30,10 +43,6 @@ def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> P
 
 def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:
     """What `quantize` would run with: the recipe and export config it resolved, and their values."""
-    from .export import load_export_config
-    from .finetune import load_finetune_recipe
-    from .synthesize import load_synthesis_recipe
-
     return "\n".join([f"recipe: {recipe_path or 'built-in defaults'}",
                       f"synthesize: {json.dumps(dataclasses.asdict(load_synthesis_recipe(recipe_path, {})))}",
                       f"finetune: {json.dumps(dataclasses.asdict(load_finetune_recipe(recipe_path, {})))}",
@@ -41,8 +50,98 @@ def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:
                       f"export: {json.dumps(dataclasses.asdict(load_export_config(export_config)))}"])
 
 
-def _json(path: Path) -> dict | None:
-    return read_json(path) if path.exists() else None
+@dataclasses.dataclass
+class Plan:
+    """What one quantize run does: the resolved settings of every stage."""
+    model_name: str
+    checkpoint: Path | None
+    quant: QuantConfig
+    synth: SynthesisRecipe
+    finetune: FinetuneRecipe
+    export: ExportConfig
+    recipe_path: Path | None = None
+    val_dir: Path | None = None
+    data_dir: Path | None = None
+    verify_limit: int | None = None
+    trust: bool = False
+
+
+class Stages:
+    """Runs a stage unless its outputs are complete, and records its wall time in timings.json."""
+
+    def __init__(self, rd: RunDir, echo):
+        self.rd, self.echo = rd, echo
+        self.timings = rd.read(rd.timings) or {}
+
+    def run(self, name: str, done: bool, fn) -> None:
+        if done:
+            self.echo(f"[{name}] complete, skipped")
+            return
+        self.echo(f"[{name}]")
+        t0 = time.time()
+        fn()
+        self.timings[name] = time.time() - t0
+        self.rd.root.mkdir(parents=True, exist_ok=True)
+        self.rd.write(self.rd.timings, self.timings)
+
+
+def _synthesize(plan: Plan, teacher, rd: RunDir, stages: Stages) -> None:
+    """The calibration set; with masked attention alignment, a MimiQ prior set and its PTQ student first."""
+    if not plan.synth.mask_align:
+        stages.run("synthesize", is_complete(rd.root),
+                   lambda: synthesize(teacher, plan.model_name, rd.root, plan.synth))
+        return
+    prior = rd.prior.root
+    stages.run("synthesize prior", is_complete(prior),
+               lambda: synthesize(teacher, plan.model_name, prior, dataclasses.replace(plan.synth, mask_align=0.0)))
+
+    def aligned():
+        student = ptq_student(teacher, plan.quant, load_synthetic(prior)[0][:plan.finetune.calib_images])
+        synthesize(teacher, plan.model_name, rd.root, plan.synth, student=student,
+                   student_tag=f"{plan.quant.name} PTQ on prior")
+    stages.run("synthesize", is_complete(rd.root), aligned)
+
+
+def _finetune_done(plan: Plan, rd: RunDir) -> bool:
+    ft = rd.read(rd.finetune_record)
+    return rd.student.exists() and ft is not None and ft.get("bits") == plan.quant.name \
+        and with_defaults(FinetuneRecipe, ft.get("recipe", {})) == dataclasses.asdict(plan.finetune)
+
+
+def _export_done(plan: Plan, rd: RunDir) -> bool:
+    exp = rd.read(rd.export_record)
+    return exp is not None and exp.get("bits") == plan.quant.name and exp.get("config") == dataclasses.asdict(plan.export)
+
+
+def _drop_stale_records(rd: RunDir, timings: dict) -> None:
+    """A new export invalidates what build, verify and bench recorded before it."""
+    for later in (rd.build_record, rd.verify_record, rd.bench_record):
+        if "export" in timings and later.exists() and later.stat().st_mtime < rd.export_record.stat().st_mtime:
+            later.unlink()
+
+
+def run_plan(plan: Plan, run_dir: Path, echo=print) -> dict:
+    """Run (or resume) every stage of `plan` in `run_dir`; returns the report."""
+    rd = RunDir(run_dir)
+    teacher = load_model(plan.model_name, plan.checkpoint, trust=plan.trust)
+    with run_dir_lock(rd.root):  # a second quantize on this run directory refuses here, before any write
+        stages = Stages(rd, echo)
+        _synthesize(plan, teacher, rd, stages)
+        stages.run("finetune", _finetune_done(plan, rd),
+                   lambda: finetune(teacher, plan.model_name, plan.checkpoint, rd.root, plan.quant, plan.finetune,
+                                    synth_recipe=plan.synth))
+        stages.run("export", _export_done(plan, rd),
+                   lambda: export_student(load_student(rd.student, trust=plan.trust), rd.root, plan.export,
+                                          progress=echo))
+        _drop_stale_records(rd, stages.timings)
+        stages.run("build", rd.build_record.exists(), lambda: build(rd.root, progress=echo))
+        stages.run("verify", rd.verify_record.exists(),
+                   lambda: verify(rd.root, plan.val_dir, plan.data_dir, plan.verify_limit, trust=plan.trust))
+        stages.run("bench", rd.bench_record.exists(),
+                   lambda: bench(rd.root, plan.export.batch_sizes, min_seconds=plan.export.bench_seconds,
+                                 progress=echo))
+        return write_report(rd.root, teacher, plan.model_name, plan.recipe_path, stages.timings, plan.val_dir,
+                            plan.data_dir)
 
 
 def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path, recipe_path: Path | None,
@@ -51,66 +150,7 @@ def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path,
     """Run (or resume) every stage; returns the report (also written as report.json / report.md).
 
     trust: unpickle the teacher checkpoint fully (`--trust-checkpoint`), see models.load_model."""
-    from .bench import bench
-    from .build import build
-    from .export import export_student, load_export_config
-    from .config import with_defaults
-    from .finetune import FinetuneRecipe, finetune, load_finetune_recipe, load_student, ptq_student
-    from .models import load_model
-    from .quant import parse_bits
-    from .report import write_report
-    from .synthesize import is_complete, load_synthesis_recipe, load_synthetic, synthesize
-    from .verify import verify
-
-    cfg = parse_bits(bits)
-    run_dir = Path(run_dir)
-    synth_recipe = load_synthesis_recipe(recipe_path, {})
-    ft_recipe = load_finetune_recipe(recipe_path, {})
-    export_cfg = load_export_config(export_config)
-    teacher = load_model(model_name, checkpoint, trust=trust)
-    with run_dir_lock(run_dir):  # a second quantize on this run directory refuses here, before any write
-        timings = _json(run_dir / "timings.json") or {}
-
-        def stage(name, done, fn):
-            if done:
-                echo(f"[{name}] complete, skipped")
-                return
-            echo(f"[{name}]")
-            t0 = time.time()
-            fn()
-            timings[name] = time.time() - t0
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "timings.json", timings)
-
-        if synth_recipe.mask_align:
-            prior = run_dir / "prior"
-            stage("synthesize prior", is_complete(prior),
-                  lambda: synthesize(teacher, model_name, prior, dataclasses.replace(synth_recipe, mask_align=0.0)))
-
-            def aligned():
-                student = ptq_student(teacher, cfg, load_synthetic(prior)[0][:ft_recipe.calib_images])
-                synthesize(teacher, model_name, run_dir, synth_recipe, student=student,
-                           student_tag=f"{cfg.name} PTQ on prior")
-            stage("synthesize", is_complete(run_dir), aligned)
-        else:
-            stage("synthesize", is_complete(run_dir), lambda: synthesize(teacher, model_name, run_dir, synth_recipe))
-        ft = _json(run_dir / "finetune.json")
-        ft_done = (run_dir / "student.pt").exists() and ft is not None and ft.get("bits") == cfg.name \
-            and with_defaults(FinetuneRecipe, ft.get("recipe", {})) == dataclasses.asdict(ft_recipe)
-        stage("finetune", ft_done, lambda: finetune(teacher, model_name, checkpoint, run_dir, cfg, ft_recipe,
-                                                    synth_recipe=synth_recipe))
-        exp = _json(run_dir / "export" / "export.json")
-        exp_done = exp is not None and exp.get("bits") == cfg.name and \
-            exp.get("config") == dataclasses.asdict(export_cfg)
-        stage("export", exp_done, lambda: export_student(load_student(run_dir / "student.pt", trust=trust), run_dir,
-                                                         export_cfg, progress=echo))
-        for later in ("build.json", "verify.json", "bench.json"):  # a new export invalidates what follows
-            if "export" in timings and (run_dir / later).exists() and \
-                    (run_dir / later).stat().st_mtime < (run_dir / "export" / "export.json").stat().st_mtime:
-                (run_dir / later).unlink()
-        stage("build", (run_dir / "build.json").exists(), lambda: build(run_dir, progress=echo))
-        stage("verify", (run_dir / "verify.json").exists(),
-              lambda: verify(run_dir, val_dir, data_dir, verify_limit, trust=trust))
-        stage("bench", (run_dir / "bench.json").exists(),
-              lambda: bench(run_dir, export_cfg.batch_sizes, min_seconds=export_cfg.bench_seconds, progress=echo))
-        return write_report(run_dir, teacher, model_name, recipe_path, timings, val_dir, data_dir)
+    plan = Plan(model_name, checkpoint, parse_bits(bits), load_synthesis_recipe(recipe_path, {}),
+                load_finetune_recipe(recipe_path, {}), load_export_config(export_config), recipe_path,
+                val_dir, data_dir, verify_limit, trust)
+    return run_plan(plan, run_dir, echo)

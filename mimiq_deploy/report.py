@@ -1,7 +1,6 @@
 """The run report: report.json (every figure of every stage, versions, device, recipe) and
 report.md (the same as tables, with plots), plus the summary table printed at the end."""
 import copy
-import json
 import os
 import platform
 from importlib import metadata
@@ -10,8 +9,10 @@ from pathlib import Path
 import torch
 
 from .evaluate import eval_dataset, evaluate
-from .errors import atomic_write_json, atomic_write_text
+from .io import atomic_write, atomic_write_text
 from .quant import QuantConfig, collect_activations, quantize_model
+from .run_dir import RunDir
+from .synthesize import load_synthetic, mean_inter_head_similarity
 
 
 def _version(package: str) -> str:
@@ -31,26 +32,19 @@ def environment() -> dict:
     return {"versions": versions, "device": device}
 
 
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _save_png(fig, path: Path) -> None:
     """A plot written under a temporary name, then renamed."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial")
-    fig.savefig(tmp, dpi=100, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: dict, val_dir=None, data_dir=None) -> dict:
-    from .synthesize import load_synthetic, mean_inter_head_similarity
-
     run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     dataset, dataset_name = eval_dataset(teacher, val_dir, data_dir)
-    report = _load(run_dir / "report.json") or {}
+    report = rd.read(rd.report_json) or {}
     if report.get("teacher", {}).get("dataset") != dataset_name:
         report["teacher"] = {"dataset": dataset_name, **evaluate(teacher, dataset, progress=False)}
     images, labels, manifest = load_synthetic(run_dir)
@@ -63,14 +57,13 @@ def write_report(run_dir: Path, teacher, model_name: str, recipe_path, timings: 
     report.update(model=model_name, recipe=str(recipe_path) if recipe_path else None,
                   pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in teacher.pretrained_cfg.items()
                                   if isinstance(v, (str, int, float, list, tuple, type(None)))},
-                  synthesize=manifest, finetune=_load(run_dir / "finetune.json"),
-                  export=_load(run_dir / "export" / "export.json"), build=_load(run_dir / "build.json"),
-                  verify=_load(run_dir / "verify.json"), bench=_load(run_dir / "bench.json"),
+                  synthesize=manifest, finetune=rd.read(rd.finetune_record), export=rd.read(rd.export_record),
+                  build=rd.read(rd.build_record), verify=rd.read(rd.verify_record), bench=rd.read(rd.bench_record),
                   stage_seconds=timings, **environment())
-    atomic_write_json(run_dir / "report.json", report)
+    rd.write(rd.report_json, report)
     plots = _plots(run_dir, report)
     plots.append(_image_grid(run_dir, images, labels, real, torch.tensor([int(y) for _, y in real_pairs]), manifest))
-    atomic_write_text(run_dir / "report.md", render_markdown(report, plots))
+    atomic_write_text(rd.report_md, render_markdown(report, plots))
     return report
 
 
@@ -125,7 +118,7 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
     ax.set_xlabel(f"top-1 % on {report['teacher']['dataset']}")
     lo = min(r[2] for r in rows if r[2] is not None)
     ax.set_xlim(max(0, lo - 5), 100)
-    _save_png(fig, run_dir / "accuracy.png")
+    _save_png(fig, RunDir(run_dir).plot("accuracy.png"))
     made.append("accuracy.png")
     bench_rows = (report.get("bench") or {}).get("rows", [])
     if bench_rows:
@@ -138,7 +131,7 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
             ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {bsz}")
         ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names)
         ax.set_ylabel("p50 latency (ms)"); ax.set_yscale("log"); ax.legend()
-        _save_png(fig, run_dir / "latency.png")
+        _save_png(fig, RunDir(run_dir).plot("latency.png"))
         made.append("latency.png")
     ranges = report["activation_ranges"]
     fig, ax = plt.subplots(figsize=(9, 3))
@@ -148,7 +141,7 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
                   rotation=90, fontsize=5)
     ax.set_ylabel("p99.9 |x|"); ax.set_yscale("log"); ax.legend()
     ax.set_title("input range of each activation quantizer")
-    _save_png(fig, run_dir / "activation_ranges.png")
+    _save_png(fig, RunDir(run_dir).plot("activation_ranges.png"))
     made.append("activation_ranges.png")
     curve, history = report["synthesize"].get("loss_curve"), (report.get("finetune") or {}).get("history")
     if curve or history:
@@ -162,13 +155,13 @@ def _plots(run_dir: Path, report: dict) -> list[str]:
         axes[1].set_xlabel("fine-tuning epoch"); axes[1].set_title("fine-tuning losses (epoch means)")
         for ax in axes:
             ax.legend()
-        _save_png(fig, run_dir / "loss_curves.png")
+        _save_png(fig, RunDir(run_dir).plot("loss_curves.png"))
         made.append("loss_curves.png")
     sim = report["inter_head_similarity"]
     fig, ax = plt.subplots(figsize=(5, 2.5))
     ax.bar([f"synthetic ({sim['synthetic_kind']})", "real"], [sim["synthetic"], sim["real"]], color=["tab:orange", "tab:green"])
     ax.set_ylabel("mean inter-head |SSIM|")
-    _save_png(fig, run_dir / "inter_head_similarity.png")
+    _save_png(fig, RunDir(run_dir).plot("inter_head_similarity.png"))
     made.append("inter_head_similarity.png")
     return made
 
@@ -195,7 +188,7 @@ def _image_grid(run_dir: Path, images, labels, real, real_labels, manifest: dict
             if row == 0:
                 ax.set_title("synthetic" if col < per_class else "real", fontsize=6)
         axes[row][0].text(-0.1, 0.5, str(c), transform=axes[row][0].transAxes, ha="right", va="center", fontsize=6)
-    _save_png(fig, run_dir / "synthetic_vs_real.png")
+    _save_png(fig, RunDir(run_dir).plot("synthetic_vs_real.png"))
     return "synthetic_vs_real.png"
 
 

@@ -4,6 +4,7 @@ Used by L_IHC (synthesis: heads' attention maps of one query, over the patch gri
 L_HAD (fine-tuning: head outputs, statistics over tokens per channel).
 """
 import torch
+from pytorch_msssim import ssim
 
 C1, C2 = 0.01 ** 2, 0.03 ** 2  # SSIM constants for data range 1
 
@@ -44,7 +45,6 @@ def head_pair_ssim(logits: torch.Tensor, grid: tuple[int, int], prefix: int, win
     a, c = maps[:, i], maps[:, j]                              # (B, pairs, P, P)
     if window <= 1:
         return global_ssim(a, c, dim=-1)
-    from pytorch_msssim import ssim
     shape = (-1, 1, *grid)
     s = ssim(a.reshape(shape), c.reshape(shape), data_range=1.0, size_average=False, win_size=window)
     return s.view(b, len(i), p)

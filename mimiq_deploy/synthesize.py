@@ -1,7 +1,7 @@
 """`mimiq-deploy synthesize`: MimiQ data-free calibration images.
 
 Gaussian noise in the model's normalized input space is optimized with
-L_G = L_IHC + alpha*CE + beta*TV (DESIGN.md §3). MaskAQ's options add a patch-similarity
+L_G = L_IHC + alpha*CE + beta*TV (the MimiQ paper). MaskAQ's options add a patch-similarity
 entropy bonus and, with a quantized student in the loop, masked attention alignment on the
 teacher's informative patches. Every batch is one shard with its own seed,
 so shards are independent: an interrupted run only redoes missing shards, ranks under
@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .attention import attention_modules, token_importance
+from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
-from .errors import MimiqError, atomic_torch_save, atomic_write_json, load_torch_file, read_json
+from .errors import MimiqError
+from .evaluate import top1_correct
+from .io import atomic_torch_save, atomic_write_json, load_torch_file, read_json
+from .run_dir import SYNTH_DIR, RunDir  # noqa: F401
 from .similarity import head_pair_ssim
-
-SYNTH_DIR = "synth"
+from .zoo import data_config
 
 
 @dataclasses.dataclass
@@ -79,24 +81,6 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return d1.norm() + d2.norm() + d3.norm() + d4.norm()
 
 
-class AttentionRecorder:
-    """Keeps every captured attention block's QK^T logits of the last forward."""
-
-    def __init__(self, model):
-        self.logits = []
-        self.handles = [m.qk.register_forward_hook(lambda _m, _i, out: self.logits.append(out))
-                        for m in attention_modules(model)]
-        if not self.handles:
-            raise MimiqError("model has no captured attention (load it with mimiq_deploy.models.load_model)")
-
-    def clear(self):
-        self.logits = []
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def ihc_similarity(recorder: AttentionRecorder, model, window: int) -> torch.Tensor:
     """(B, layers, pairs, P) inter-head SSIM of the last forward's attention."""
     grid = tuple(model.patch_embed.grid_size)
@@ -143,22 +127,75 @@ def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (0 - mean) / std, (1 - mean) / std
 
 
-def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None,
-                     student=None) -> dict:
-    """One shard: `batch_size` images optimized from noise with the shard's own seed.
-
-    student: the fake-quant student for masked attention alignment (recipe.mask_align > 0).
-    on_step(losses) is called after every optimization step (progress display)."""
+def _start_images(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device):
+    """The shard's generator, labels and starting noise (clamped to the pixel range)."""
     gen = torch.Generator(device="cpu").manual_seed(recipe.seed * 1_000_003 + shard)
     n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
     shape = (n, *data_cfg["input_size"])
     labels = torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
     x = (torch.randn(shape, generator=gen) * recipe.init_std).to(device)
     lo, hi = pixel_bounds(data_cfg, device)
-    x = torch.maximum(torch.minimum(x, hi), lo)
+    return gen, labels, torch.maximum(torch.minimum(x, hi), lo)
+
+
+def _augmented(x: torch.Tensor, recipe: SynthesisRecipe, gen: torch.Generator) -> torch.Tensor:
+    """This step's view of the images: random roll, optional flip, colour shift and pixel noise."""
+    dy, dx = torch.randint(-recipe.jitter, recipe.jitter + 1, (2,), generator=gen).tolist()
+    xa = torch.roll(x, (dy, dx), (2, 3))
+    if recipe.flip and torch.rand(1, generator=gen).item() < 0.5:
+        xa = xa.flip(3)
+    shift = torch.randn((x.shape[0], x.shape[1], 1, 1), generator=gen).to(x.device) * recipe.color_shift
+    return xa + shift + torch.randn(tuple(x.shape), generator=gen).to(x.device) * recipe.noise
+
+
+def _mask_alignment(model, student, xa, recorder, student_recorder, recipe: SynthesisRecipe, step: int, gen):
+    """MaskAQ: the student's attention pulled to the teacher's on the teacher's informative patches."""
+    student_recorder.clear()
+    student(xa)
+    keep = recipe.keep_start + (recipe.keep_end - recipe.keep_start) * step / max(1, recipe.steps - 1)
+    with torch.no_grad():
+        importance = torch.stack([token_importance(l.softmax(-1), model.num_prefix_tokens)
+                                  for l in recorder.logits]).mean(0)
+    mask = informative_patches(importance, keep, recipe.keep_drop, gen)
+    return masked_attention_alignment(recorder.logits, student_recorder.logits, mask, model.num_prefix_tokens)
+
+
+def _generator_loss(model, x, xa, labels, recipe: SynthesisRecipe, recorder, last_tokens, losses: dict,
+                    student=None, student_recorder=None, step: int = 0, gen=None) -> torch.Tensor:
+    """L_G = alpha*CE + beta*TV (+ L_IHC, - entropy bonus, + masked alignment) of one step; fills `losses`."""
+    recorder.clear()
+    last_tokens.clear()
+    logits = model(xa)
+    ce = F.cross_entropy(logits, labels)
+    tv = total_variation(x)
+    loss = recipe.alpha * ce + recipe.beta * tv
+    if recipe.ihc:
+        ihc = (1 - ihc_similarity(recorder, model, recipe.ihc_window) ** 2).mean()
+        loss = loss + ihc
+        losses["ihc"] = ihc.item()
+    if recipe.patch_entropy:
+        entropy = patch_similarity_entropy(last_tokens[-1], model.num_prefix_tokens).mean()
+        loss = loss - recipe.patch_entropy * entropy
+        losses["entropy"] = entropy.item()
+    if recipe.mask_align:
+        align = _mask_alignment(model, student, xa, recorder, student_recorder, recipe, step, gen)
+        loss = loss + recipe.mask_align * align
+        losses["align"] = align.item()
+    losses.update(ce=ce.item(), tv=tv.item())
+    return loss
+
+
+def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None,
+                     student=None) -> dict:
+    """One shard: `batch_size` images optimized from noise with the shard's own seed.
+
+    student: the fake-quant student for masked attention alignment (recipe.mask_align > 0).
+    on_step(losses) is called after every optimization step (progress display)."""
+    gen, labels, x = _start_images(model, recipe, data_cfg, shard, device)
     losses = {}
     if recipe.noise_only or recipe.steps == 0:
         return {"images": x.half().cpu(), "labels": labels.cpu(), "losses": losses}
+    lo, hi = pixel_bounds(data_cfg, device)
     curve = {"step": []}  # the losses at about 50 steps, for the report's loss curve
     every = max(1, recipe.steps // 50)
 
@@ -174,45 +211,16 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
         recorder.handles.append(model.blocks[-1].register_forward_hook(lambda _m, _i, out: last_tokens.append(out)))
     try:
         for step in range(recipe.steps):
-            dy, dx = torch.randint(-recipe.jitter, recipe.jitter + 1, (2,), generator=gen).tolist()
-            xa = torch.roll(x, (dy, dx), (2, 3))
-            if recipe.flip and torch.rand(1, generator=gen).item() < 0.5:
-                xa = xa.flip(3)
-            shift = torch.randn((n, shape[1], 1, 1), generator=gen).to(device) * recipe.color_shift
-            xa = xa + shift + torch.randn(shape, generator=gen).to(device) * recipe.noise
-            recorder.clear()
-            last_tokens.clear()
-            logits = model(xa)
-            ce = F.cross_entropy(logits, labels)
-            tv = total_variation(x)
-            loss = recipe.alpha * ce + recipe.beta * tv
-            if recipe.ihc:
-                ihc = (1 - ihc_similarity(recorder, model, recipe.ihc_window) ** 2).mean()
-                loss = loss + ihc
-                losses["ihc"] = ihc.item()
-            if recipe.patch_entropy:
-                entropy = patch_similarity_entropy(last_tokens[-1], model.num_prefix_tokens).mean()
-                loss = loss - recipe.patch_entropy * entropy
-                losses["entropy"] = entropy.item()
-            if recipe.mask_align:
-                student_recorder.clear()
-                student(xa)
-                keep = recipe.keep_start + (recipe.keep_end - recipe.keep_start) * step / max(1, recipe.steps - 1)
-                with torch.no_grad():
-                    importance = torch.stack([token_importance(l.softmax(-1), model.num_prefix_tokens)
-                                              for l in recorder.logits]).mean(0)
-                mask = informative_patches(importance, keep, recipe.keep_drop, gen)
-                align = masked_attention_alignment(recorder.logits, student_recorder.logits, mask,
-                                                   model.num_prefix_tokens)
-                loss = loss + recipe.mask_align * align
-                losses["align"] = align.item()
+            xa = _augmented(x, recipe, gen)
+            loss = _generator_loss(model, x, xa, labels, recipe, recorder, last_tokens, losses,
+                                   student, student_recorder, step, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            losses.update(ce=ce.item(), tv=tv.item(), total=loss.item())
+            losses["total"] = loss.item()
             if step % every == 0 or step == recipe.steps - 1:
                 curve["step"].append(step + 1)
                 for k, v in losses.items():
@@ -225,18 +233,18 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
             student_recorder.remove()
     stored = x.detach().half()
     with torch.no_grad():  # judged on the stored (fp16) images, as fine-tuning will see them
-        losses["teacher_top1"] = 100.0 * (model(stored.float()).argmax(-1) == labels).float().mean().item()
+        losses["teacher_top1"] = 100.0 * top1_correct(model(stored.float()), labels) / len(labels)
         if student is not None:
-            losses["student_top1"] = 100.0 * (student(stored.float()).argmax(-1) == labels).float().mean().item()
+            losses["student_top1"] = 100.0 * top1_correct(student(stored.float()), labels) / len(labels)
     return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses, "curve": curve}
 
 
 def manifest_path(run_dir: Path) -> Path:
-    return Path(run_dir) / SYNTH_DIR / "manifest.json"
+    return RunDir(run_dir).synth_manifest
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / SYNTH_DIR / f"shard_{shard:05d}.pt"
+    return RunDir(run_dir).shard(shard)
 
 
 def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
@@ -263,8 +271,6 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
 
     student (with student_tag, its description in the manifest): the fake-quant student that
     masked attention alignment needs; its parameters are left as they were."""
-    from .models import data_config
-
     if recipe.mask_align and student is None:
         raise MimiqError("mask_align needs the quantized student in the loop: pass --align-student STUDENT.pt "
                          "(a PTQ student: `mimiq-deploy finetune --epochs 0`)")

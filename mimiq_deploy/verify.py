@@ -12,66 +12,51 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .backends import BACKENDS
-from .build import read_build, read_export_manifest
-from .errors import atomic_write_json
-from .export import load_export_config
-
-VERIFY_FILE = "verify.json"
-
-
-def _student_path(run_dir: Path) -> Path:
-    from .errors import MimiqError
-    path = Path(run_dir) / "student.pt"
-    if not path.exists():
-        raise MimiqError(f"no student.pt in {run_dir}: run `mimiq-deploy finetune` first")
-    return path
+from .evaluate import eval_dataset, top1_correct
+from .export import stored_export_config
+from .quant.student import load_student
+from .run_dir import RunDir
 
 
 @torch.no_grad()
 def verify(run_dir: Path, val_dir: Path | None = None, data_dir: Path | None = None, limit: int | None = None,
            batch_size: int = 250, progress: bool = True, trust: bool = False) -> dict:
     """trust: unpickle the teacher checkpoint named in student.pt fully (`--trust-checkpoint`)."""
-    from .evaluate import eval_dataset
-    from .finetune import load_student
-
-    run_dir = Path(run_dir)
-    built = read_build(run_dir)
-    cfg = load_export_config(None)
-    cfg.__dict__.update(read_export_manifest(run_dir)["config"])
-    student = load_student(_student_path(run_dir), trust=trust)
+    rd = RunDir(run_dir)
+    built = rd.read_build()
+    cfg = stored_export_config(rd.read_export().config, f"{rd.export_record} [config]")
+    student = load_student(rd.require_student(), trust=trust)
     dataset, dataset_name = eval_dataset(student, val_dir, data_dir)
     if limit:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    runners = {name: BACKENDS[a["backend"]].load(Path(a["path"]), provider=a.get("provider"),
-                                                 optimization=a.get("optimization", "all"))
-               for name, a in built["artifacts"].items()}
+    runners = {name: BACKENDS[a.backend].load_artifact(a) for name, a in built.artifacts.items()}
     stats = {name: {"agree": 0, "correct": 0, "cos": 0.0, "max_err": 0.0} for name in runners}
     student_correct = n = 0
     for x, y in tqdm(DataLoader(dataset, batch_size), desc="verify", unit="batch", disable=not progress):
         ref = student(x).numpy()
-        student_correct += int((ref.argmax(1) == y.numpy()).sum())
+        student_correct += top1_correct(ref, y.numpy())
         n += len(y)
         for name, run in runners.items():
             out = run(x.numpy())
             s = stats[name]
-            s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
-            s["correct"] += int((out.argmax(1) == y.numpy()).sum())
+            s["agree"] += top1_correct(out, ref.argmax(1))
+            s["correct"] += top1_correct(out, y.numpy())
             cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
             s["cos"] += float(cos.sum())
             s["max_err"] = max(s["max_err"], float(np.abs(out - ref).max()))
     report = {"dataset": dataset_name, "n": n, "student_top1": 100.0 * student_correct / n, "artifacts": {},
               "thresholds": {"min_agreement": cfg.min_agreement, "min_cosine": cfg.min_cosine}, "failed": []}
     for name, s in stats.items():
-        art = built["artifacts"][name]
-        row = {"precision": art["precision"], "agreement": 100.0 * s["agree"] / n, "cosine": s["cos"] / n,
+        art = built.artifacts[name]
+        row = {"precision": art.precision, "agreement": 100.0 * s["agree"] / n, "cosine": s["cos"] / n,
                "max_abs_error": s["max_err"], "top1": 100.0 * s["correct"] / n}
         # Thresholds bind artifacts that implement the student's arithmetic (integer QDQ graphs);
         # float twins and weight-only engines compute something else on purpose.
-        row["checked"] = bool(art.get("quantized")) and not art.get("weight_only")
+        row["checked"] = art.quantized and not art.weight_only
         if row["checked"] and (row["agreement"] < cfg.min_agreement or row["cosine"] < cfg.min_cosine):
             report["failed"].append(name)
         report["artifacts"][name] = row
-    atomic_write_json(run_dir / VERIFY_FILE, report)
+    rd.write(rd.verify_record, report)
     return report
 
 

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from mimiq_deploy.cli import main
-from mimiq_deploy.errors import run_dir_lock
+from mimiq_deploy.io import run_dir_lock
 from mimiq_deploy.synthesize import save_image_set, shard_path
 
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST_CFG = {"input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,), "num_classes": 10}
-HOLD_LOCK = "import sys, time; from mimiq_deploy.errors import run_dir_lock\n" \
+HOLD_LOCK = "import sys, time; from mimiq_deploy.io import run_dir_lock\n" \
             "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n"
 
 

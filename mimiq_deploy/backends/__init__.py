@@ -1,12 +1,16 @@
-"""Engine back ends behind one small interface: a third (e.g. OpenVINO) is one more file.
+"""Engine back ends behind one interface, and their registry: a new back end (e.g. OpenVINO) is one
+more file here and one more entry in BACKENDS; build, verify, bench and the model repository loop over it.
 
-A back end turns an exported ONNX graph into a runnable artifact (`build`) and runs it
-(`load` returns a callable numpy batch -> numpy logits). `available()` says, in one line,
-what is missing when it cannot run here.
+A back end (see base.Backend) says whether it can run here and why not (`available`), which exported
+graph it builds from (`graphs`) and which conformance target of check.py that graph meets
+(`conformance`), turns the graphs into run-directory Artifacts (`build_artifacts`; `build` is the
+single-graph step), runs an artifact (`load`: numpy batch -> numpy logits), times it (`sampler`),
+and writes its model-repository entry (`repository_entry`).
 """
+from .base import Backend, BuildContext, RepositoryEntry
 from .onnxruntime import OnnxRuntimeBackend
 from .tensorrt import TensorRTBackend
 
-BACKENDS = {b.name: b for b in (OnnxRuntimeBackend(), TensorRTBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (OnnxRuntimeBackend(), TensorRTBackend())}
 
-__all__ = ["BACKENDS", "OnnxRuntimeBackend", "TensorRTBackend"]
+__all__ = ["BACKENDS", "Backend", "BuildContext", "RepositoryEntry", "OnnxRuntimeBackend", "TensorRTBackend"]

@@ -1,16 +1,26 @@
 """ONNX Runtime: CPU, and the CUDA execution provider where onnxruntime-gpu and a GPU are present."""
 import collections
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
+from ..encoding import choose_encoding, encoding_of, host_graph
 from ..errors import MimiqError
+from ..export import read_onnx, save_onnx
+from ..run_dir import FLOAT_ONNX, QDQ_ONNX, W4A16_ONNX, Artifact, RunDir
+from .base import Backend, BuildContext, RepositoryEntry
+
+INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "QLinearConv", "DynamicQuantizeMatMul",
+                   "MatMulInteger", "MatMulNBits")
 
 
 def _session(onnx_path: Path, so, provider: str):
     """An ORT session; a missing, corrupt or truncated graph is one line naming the file."""
-    import onnxruntime as ort
     if not Path(onnx_path).is_file():
         raise MimiqError(f"ONNX file not found: {onnx_path} (run `mimiq-deploy export` and `build` again)")
     try:
@@ -20,39 +30,90 @@ def _session(onnx_path: Path, so, provider: str):
         raise MimiqError(f"ONNX Runtime cannot load {onnx_path} (corrupt or truncated?): {detail}") from None
 
 
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+def host_graphs(run_dir: RunDir, bits: str, encoding: str) -> dict:
+    """The exported QDQ graph re-encoded for this host: {artifact suffix: (path, precision)}.
 
-    def available(self) -> tuple[bool, str]:
-        return True, ""
+    Main graph: 8-bit tensors in `encoding`, INT4 weight codes in 8-bit containers (the same values), so
+    that W4A8 runs on the integer kernels of W8A8. INT4 students also keep the packed-INT4 graph (smaller on
+    disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
+    out = {}
+    model = read_onnx(run_dir.graph(QDQ_ONNX))
+    packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    main = run_dir.graph(f"model_qdq.{encoding}.onnx")
+    save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
+    out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
+    if packed:
+        small = run_dir.graph(f"model_qdq_int4.{encoding}.onnx")
+        save_onnx(host_graph(read_onnx(run_dir.graph(QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
+        if small.stat().st_size < main.stat().st_size:
+            out["-int4"] = (small, f"{bits} QDQ, {encoding}, packed INT4 weights (smallest on disk)")
+        else:
+            small.unlink()
+    if run_dir.graph(W4A16_ONNX).exists():
+        out["w4a16"] = (run_dir.graph(W4A16_ONNX), "w4a16 weight-only INT4 (MatMulNBits), float activations")
+    return out
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    conformance = "onnxruntime"
+    graphs = (QDQ_ONNX, FLOAT_ONNX, W4A16_ONNX)
+
+    def build_artifacts(self, ctx: BuildContext) -> tuple[dict, dict, dict]:
+        """Per execution provider: the host-encoded QDQ graph(s), the float twin, and the unfused reference."""
+        exp, bits = ctx.run_dir.export_dir, ctx.export.bits
+        chosen, enc_why = choose_encoding(ctx.encoding, ctx.config.ort_int8)
+        ctx.progress(f"ONNX Runtime 8-bit encoding: {chosen} ({enc_why})")
+        graphs = host_graphs(ctx.run_dir, bits, chosen)
+        main_path = graphs[""][0]
+        artifacts = {}
+        for provider in self.providers():
+            tag = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+            twin = f"ort-{tag}-fp32"
+            todo = [(f"ort-{tag}-{bits}{suffix}" if suffix != "w4a16" else f"ort-{tag}-w4a16", path, precision,
+                     suffix == "w4a16") for suffix, (path, precision) in graphs.items()]
+            for name, onnx_file, precision, weight_only in todo + [(twin, exp / FLOAT_ONNX, "fp32", False)]:
+                info = self.build(onnx_file, exp / f"{onnx_file.stem}.{tag}.opt.onnx", provider)
+                quantized = precision != "fp32"
+                artifacts[name] = Artifact(self.name, str(onnx_file), precision, quantized, provider=provider,
+                                           weight_only=weight_only, info=info,
+                                           float_twin=twin if quantized else None)
+                ctx.progress(f"built {name}: integer kernels {info['integer_kernels'] or 'none'}")
+            # The same QDQ graph with ORT's fusions off: plain QuantizeLinear/DequantizeLinear + float ops.
+            # It separates what the exporter wrote from what the integer kernels of this CPU compute.
+            artifacts[f"ort-{tag}-{bits}-unfused"] = Artifact(self.name, str(main_path), f"{bits} QDQ unfused", True,
+                                                              provider=provider, optimization="disabled",
+                                                              reference=True, float_twin=twin)
+        record = {"ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(read_onnx(main_path))}}
+        return artifacts, {}, record
+
+    def repository_entry(self, artifacts: dict, bits: str, config) -> RepositoryEntry | None:
+        """The host-encoded QDQ graph (the one the unfused reference runs)."""
+        main = next((a for a in artifacts.values() if a.backend == self.name and a.reference), None)
+        if main is None:
+            return None
+        return RepositoryEntry("onnx", "onnxruntime.pbtxt", Path(main.path), "model.onnx",
+                               {"instance_kind": "KIND_AUTO", "io_type": "TYPE_FP32"})
 
     def providers(self) -> list[str]:
-        import onnxruntime as ort
         have = ort.get_available_providers()
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
     def build(self, onnx_path: Path, out_path: Path, provider: str = "CPUExecutionProvider", **_) -> dict:
         """Optimize once and keep the optimized graph: it tells which kernels run (integer or float)."""
-        import onnxruntime as ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_path)
         _session(onnx_path, so, provider)
         ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
-        integer = {k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
-                                                           "QLinearConv", "DynamicQuantizeMatMul", "MatMulInteger",
-                                                           "MatMulNBits")}
+        integer = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
         return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
                 ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
 
     def profile(self, onnx_path: Path, x: np.ndarray, provider: str | None = None, runs: int = 10,
                 threads: int = 0) -> dict:
         """Kernel time per run by op type (ms), from ONNX Runtime's profiler, after two warm-up runs."""
-        import json
-        import os
-        import tempfile
-
-        import onnxruntime as ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -75,7 +136,6 @@ class OnnxRuntimeBackend:
         return dict(by_op)
 
     def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0, optimization: str = "all"):
-        import onnxruntime as ort
         provider = provider or "CPUExecutionProvider"
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimization == "disabled"
@@ -89,3 +149,4 @@ class OnnxRuntimeBackend:
         def run(x: np.ndarray) -> np.ndarray:
             return sess.run(None, {name: x.astype(dtype, copy=False)})[0].astype(np.float32)
         return run
+

@@ -4,7 +4,12 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from ..errors import MimiqError
+from ..io import atomic_write_bytes
+from ..run_dir import TRT_FLOAT_ONNX, TRT_ONNX, Artifact
+from .base import Backend, BuildContext, RepositoryEntry
 
 
 def _import_tensorrt():
@@ -15,11 +20,54 @@ def _import_tensorrt():
         return None
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
+    title = "TensorRT"
+    conformance = "tensorrt"
+    graphs = (TRT_ONNX, TRT_FLOAT_ONNX)
+
+    def build_artifacts(self, ctx: BuildContext) -> tuple[dict, dict, dict]:
+        """Engines of the FP16 QDQ graph and of its float twin; one that fails is skipped with its reason."""
+        exp, bits, cfg = ctx.run_dir.export_dir, ctx.export.bits, ctx.config
+        artifacts, skipped = {}, {}
+        cache = exp / "trt_timing.cache"
+        precision = ctx.export.notes.get("tensorrt", f"{bits} QDQ, FP16 elsewhere")
+        for name, onnx_file, precision in ((f"trt-{bits}", TRT_ONNX, precision), ("trt-fp16", TRT_FLOAT_ONNX, "fp16")):
+            plan = exp / f"{Path(onnx_file).stem}.plan"
+            try:
+                info = self.build(exp / onnx_file, plan, cfg.min_batch, cfg.opt_batch, cfg.max_batch,
+                                  cfg.workspace_mib, cache)
+            except MimiqError as e:  # the ONNX Runtime artifacts stand on their own
+                skipped[name] = str(e)
+                continue
+            quantized = precision != "fp16"
+            artifacts[name] = Artifact(self.name, str(plan), precision, quantized,
+                                       weight_only="weight-only" in precision, info=info,
+                                       float_twin="trt-fp16" if quantized else None)
+            ctx.progress(f"built {name} in {info['build_seconds']:.0f} s")
+        return artifacts, skipped, {}
+
+    def repository_entry(self, artifacts: dict, bits: str, config) -> RepositoryEntry | None:
+        engine = next((a for a in artifacts.values() if a.backend == self.name and a.quantized), None)
+        if engine is None:
+            return None
+        return RepositoryEntry("trt", "tensorrt_plan.pbtxt", Path(engine.path), "model.plan",
+                               {"io_type": "TYPE_FP16" if config.fp16_io else "TYPE_FP32", "precision": engine.precision})
+
+    def sampler(self, run, x: np.ndarray):
+        """CUDA events on the engine's stream around the device call (input already on the GPU)."""
+        xd = torch.from_numpy(x).cuda()
+
+        def sample():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(run.stream)
+            run.device_call(xd)
+            end.record(run.stream)
+            end.synchronize()
+            return start.elapsed_time(end)
+        return sample
 
     def available(self) -> tuple[bool, str]:
-        import torch
         if _import_tensorrt() is None:
             return False, "the tensorrt Python package is not installed (pip install tensorrt, from NVIDIA's index)"
         if not torch.cuda.is_available():
@@ -54,16 +102,13 @@ class TensorRTBackend:
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise MimiqError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-        tmp = out_path.with_name(out_path.name + ".partial")
-        tmp.write_bytes(bytes(plan))
-        tmp.replace(out_path)
+        atomic_write_bytes(out_path, bytes(plan))
         if timing_cache:
             timing_cache.write_bytes(bytes(cache.serialize()))
         return {"engine": str(out_path), "build_seconds": time.time() - t0, "tensorrt": trt.__version__}
 
     def load(self, plan_path: Path, **_):
         """A callable running the engine on torch CUDA tensors (TensorRT's tensor-address API)."""
-        import torch
         trt = _import_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())

@@ -1,6 +1,6 @@
 """Convert a (captured) timm ViT into its fake-quant student, and calibrate its step sizes.
 
-Quantized (DESIGN.md §4): inputs and weights of every Linear and Conv2d (qkv, proj, fc1,
+Quantized (README: Support matrix): inputs and weights of every Linear and Conv2d (qkv, proj, fc1,
 fc2, head, patch embedding), and both operands of both attention matmuls. LayerNorm,
 softmax input, GELU, residual adds, embeddings and biases stay in float.
 """
@@ -28,30 +28,46 @@ class QuantMatMul(MatMul):
         return self.a_quant(a) @ self.b_quant(b)
 
 
-def _quantized_copy(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
-    if isinstance(module, MatMul):
-        q = QuantMatMul()
-        q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False)
-        q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+def _weighted(cls):
+    """Converter of a Linear / Conv2d into `cls`: same parameters and settings, quantized input and weight."""
+    def convert(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
+        q = cls.__new__(cls)
+        q.__dict__.update(module.__dict__)  # same parameters and settings, new forward
+        q._modules = dict(module._modules)
+        q.input_quant = TensorQuantizer(max(cfg.act_bits, cfg.input_bits) if is_input_layer else cfg.act_bits,
+                                        narrow=False)
+        q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0])
+        q.weight_quant.init_from_weight(module.weight)
         return q
-    q = QuantLinear.__new__(QuantLinear) if isinstance(module, nn.Linear) else QuantConv2d.__new__(QuantConv2d)
-    q.__dict__.update(module.__dict__)  # same parameters and settings, new forward
-    q._modules = dict(module._modules)
-    q.input_quant = TensorQuantizer(max(cfg.act_bits, cfg.input_bits) if is_input_layer else cfg.act_bits, narrow=False)
-    q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0])
-    q.weight_quant.init_from_weight(module.weight)
+    return convert
+
+
+def _matmul(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
+    q = QuantMatMul()
+    q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+    q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False)
     return q
 
 
+# Float module type -> converter into its fake-quant version (exact types: a subclass is not converted unless
+# registered). A model family with other layers registers them here, as ModelOpt's QuantModuleRegistry does.
+QUANT_MODULES = {nn.Linear: _weighted(QuantLinear), nn.Conv2d: _weighted(QuantConv2d), MatMul: _matmul}
+
+
+def register_quant_module(float_type: type, convert) -> None:
+    """convert(module, cfg, is_input_layer) -> the fake-quant replacement of a `float_type` module."""
+    QUANT_MODULES[float_type] = convert
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Replace Linear / Conv2d / MatMul modules of `model` in place by fake-quant twins."""
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) in (nn.Linear, nn.Conv2d, MatMul)]
+    """Replace the registered module types of `model` (Linear, Conv2d, MatMul) in place by fake-quant twins."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
     for i, (name, module) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         # the first layer (the patch embedding's first conv) is the one that reads the image
-        setattr(parent, child, _quantized_copy(module, cfg, is_input_layer=i == 0 and isinstance(module, nn.Conv2d)))
+        is_input_layer = i == 0 and isinstance(module, nn.Conv2d)
+        setattr(parent, child, QUANT_MODULES[type(module)](module, cfg, is_input_layer))
     # new quantizers are created on the CPU: move them to where the model lives (a teacher on CUDA)
     device = next(model.parameters()).device
     for q in quant_modules(model).values():

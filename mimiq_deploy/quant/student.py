@@ -1,0 +1,62 @@
+"""The fake-quant student: built from a teacher, calibrated, saved as student.pt and loaded back."""
+import copy
+import dataclasses
+from pathlib import Path
+
+from ..errors import MimiqError
+from ..io import atomic_torch_save, load_torch_file
+from ..zoo import load_teacher
+from .config import QuantConfig, parse_bits
+from .convert import calibrate, quantize_model
+
+STUDENT_FORMAT = "mimiq-student-v1"
+
+
+def build_student(teacher, cfg: QuantConfig):
+    """A deep copy of the teacher with fake quantizers (weights' step sizes initialized), all of it trainable.
+
+    The copy must not inherit the frozen teacher's requires_grad=False: that trained only the step sizes."""
+    student = quantize_model(copy.deepcopy(teacher), cfg)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def ptq_student(teacher, cfg: QuantConfig, images):
+    """The student calibrated on `images`, not fine-tuned (what MaskAQ's first synthesis aligns with)."""
+    student = build_student(teacher, cfg)
+    calibrate(student, images.to(next(teacher.parameters()).device))
+    return student
+
+
+def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
+    atomic_torch_save({"format": STUDENT_FORMAT, "model_name": model_name,
+                       "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+                       "bits": cfg.name, "input_bits": cfg.input_bits, "state_dict": student.state_dict(),
+                       "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
+
+
+def load_student(path: Path, trust: bool = False):
+    """The fake-quant student of a `student.pt`, in eval mode.
+
+    student.pt is always loaded without running code (mimiq-deploy writes only plain values);
+    trust applies to the teacher checkpoint it names (`--trust-checkpoint`)."""
+    ckpt = load_torch_file(Path(path), "student checkpoint", own=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
+        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
+    teacher = load_teacher(ckpt["model_name"], ckpt["teacher_checkpoint"], trust=trust)
+    cfg = parse_bits(ckpt["bits"])
+    # students written before input_bits existed quantized the image at the activation width
+    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits))
+    student = build_student(teacher, cfg)
+    state = dict(ckpt["state_dict"])
+    for name, value in student.state_dict().items():
+        if name.endswith("scale_floor"):  # only used in training; absent from older checkpoints
+            state.setdefault(name, value)
+    try:
+        student.load_state_dict(state)
+    except RuntimeError:
+        raise MimiqError(f"{path} does not match the {ckpt['model_name']} teacher it names "
+                         "(was the teacher checkpoint replaced?)") from None
+    student.model_name = ckpt["model_name"]
+    return student.eval()
