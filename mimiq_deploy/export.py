@@ -237,12 +237,18 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 
+def check_exportable(qc) -> None:
+    """ONNX has INT8 and INT4 only: refuse other widths before any work is spent on them."""
+    if qc.weight_bits not in (4, 8) or qc.act_bits not in (4, 8):
+        raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "
+                         "(w4a4, w4a8, w8a4, w8a8); for a fake-quant student at any wXaY run `synthesize`, "
+                         f"`finetune --bits {qc.name}` and `eval --model RUN/student.pt`")
+
+
 def export_student(student, run_dir: Path, cfg: ExportConfig, progress=print) -> dict:
     """Write the ORT and TensorRT graphs (and their float twins) of `student` to run_dir/export."""
     qc = student.quant_config
-    if qc.weight_bits not in (4, 8) or qc.act_bits not in (4, 8):
-        raise MimiqError(f"{qc.name} has no ONNX integer types: export supports INT8 and INT4 "
-                         "(w4a4, w4a8, w8a4, w8a8); fake-quant eval works for any wXaY")
+    check_exportable(qc)
     input_size = tuple(student.pretrained_cfg["input_size"])
     rd = RunDir(run_dir)
     raw = torch_to_onnx(student, input_size, cfg.opset)

@@ -14,7 +14,7 @@ from .bench import bench
 from .build import build
 from .config import with_defaults
 from .errors import MimiqError
-from .export import ExportConfig, export_student, load_export_config
+from .export import ExportConfig, check_exportable, export_student, load_export_config
 from .finetune import FinetuneRecipe, finetune, load_finetune_recipe
 from .io import run_dir_lock
 from .models import load_model
@@ -122,6 +122,7 @@ def _drop_stale_records(rd: RunDir, timings: dict) -> None:
 
 def run_plan(plan: Plan, run_dir: Path, echo=print) -> dict:
     """Run (or resume) every stage of `plan` in `run_dir`; returns the report."""
+    check_exportable(plan.quant)  # quantize ends in deployed graphs: refuse a width they lack before synthesis
     rd = RunDir(run_dir)
     teacher = load_model(plan.model_name, plan.checkpoint, trust=plan.trust)
     with run_dir_lock(rd.root):  # a second quantize on this run directory refuses here, before any write

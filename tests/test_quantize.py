@@ -54,3 +54,7 @@ def test_quantize_refuses_bad_input_before_work(cli, tmp_path):
     assert r.returncode == 1 and "unsupported bit setting" in r.stderr and not (tmp_path / "x").exists()
     r = cli("quantize", "--model", "deit_tiny_patch16_224", "--preset", "fast", "--out", tmp_path / "y")
     assert r.returncode == 1 and "sized for the embedded fmnist-vit" in r.stderr
+    # a width ONNX has no integer type for: refused before an hour of synthesis, not at export
+    r = cli("quantize", "--bits", "w3a3", "--preset", "fast", "--out", tmp_path / "z")
+    assert r.returncode == 1 and "no ONNX integer types" in r.stderr and "finetune --bits w3a3" in r.stderr
+    assert not (tmp_path / "z").exists()
