@@ -3,6 +3,7 @@
 The bottom layer: it imports nothing of mimiq_deploy but the error type."""
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -34,14 +35,33 @@ def atomic_write(path, write) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode a plain write gives
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        if _disk_full(e):  # the partial file goes (finally); what was complete stays, so a rerun resumes
+            raise MimiqError(f"no space left on the device writing {path}: free some space and rerun, "
+                             "the run resumes where it stopped") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library wraps it (torch.save raises RuntimeError around the write)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _torch_save(obj, tmp: Path) -> None:
+    with open(tmp, "wb") as f:  # through a Python file, so a full disk surfaces as OSError(ENOSPC)
+        torch.save(obj, f)
+
+
 def atomic_torch_save(obj, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def atomic_write_text(path, text: str) -> None:

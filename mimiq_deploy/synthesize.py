@@ -315,11 +315,11 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
             done_images += len(out["labels"])
             work += len(out["labels"]) * steps
     finally:
+        bar.close()  # also on an error, so its one line starts a line of its own
         for p in trainable:
             p.requires_grad_(True)
         if student is not None:
             student.train(student_mode)
-    bar.close()
     elapsed = time.time() - t0
     barrier()
     return finalize_manifest(run_dir, {"images_steps_per_s": work / elapsed if elapsed > 0 and work else None}

@@ -103,3 +103,31 @@ def test_damaged_onnx_files_name_the_file(tmp_path):
 
     (tmp_path / "build.json").write_text('{"artifacts": {')
     _refused(["bench", tmp_path, "--batch", "1"], "build.json", "corrupt")
+
+
+def test_a_full_disk_is_one_line_leaves_no_partial_file_and_the_run_resumes(tmp_path, monkeypatch):
+    """The disk fills while the second of two shards is written: one line, no partial file, and the
+    rerun (space back) keeps the first shard and makes only the second."""
+    import errno
+
+    import mimiq_deploy.io as io
+
+    run = tmp_path / "run"
+    args = ["synthesize", "--out", run, "--num-images", 16, "--batch-size", 8, "--steps", 1]
+    real_save, saved = torch.save, []
+
+    def save_until_full(obj, f, *a, **k):
+        if len(saved) == 1:
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(1)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(io.torch, "save", save_until_full)
+    _refused(args, "no space left", "shard_00001.pt", "rerun")
+    assert sorted(p.name for p in (run / "synth").iterdir() if "shard" in p.name) == ["shard_00000.pt"]
+    first = shard_path(run, 0).stat().st_mtime_ns
+    monkeypatch.setattr(io.torch, "save", real_save)
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert shard_path(run, 1).exists() and shard_path(run, 0).stat().st_mtime_ns == first
