@@ -11,6 +11,7 @@ Per model (fmnist-vit, the embedded default; random-init deit_tiny / deit_small)
 each in ONNX Runtime and in OpenVINO (when `openvino` is installed), all timed in one process in
 interleaved rounds (bench.time_interleaved), 2 threads. Ratios are FP32 twin (ONNX Runtime) p50 / p50.
 
+    pip install -e '.[bench]'      # onnx-ir, which ORT's MatMulNBits quantizer imports ('.[openvino]' too, optionally)
     PYTHONPATH=. python benchmarks/latency.py --out benchmarks/LATENCY.md
 """
 import argparse
