@@ -20,7 +20,9 @@ tuning the recipe); --split test is the reported number.
     python benchmarks/accuracy.py --recipe calib/fmnist-vit-fast.toml --seeds 0,1 --split test
 """
 import argparse
+import ast
 import dataclasses
+import re
 import statistics
 import sys
 import time
@@ -44,6 +46,12 @@ ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base syn
 PATCH_ENTROPY = 1.0  # rows 8, 10, 11: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
 MASKAQ_SYNTHESIS = {"patch_entropy": PATCH_ENTROPY, "mask_align": 1.0}  # rows 10, 11 (alignment ~0.6 at W4A4 PTQ)
 MASKAQ_REFRESH = {"refresh_every": 4, "refresh_fraction": 0.5}  # row 11: half the set renewed after epoch 4 of 8
+
+
+def parse_overrides(spec: str) -> dict:
+    """`key=value,...` of recipe overrides; commas inside [...] belong to a list value (milestones=[2,3])."""
+    pairs = (kv.split("=", 1) for kv in re.split(r",(?![^\[]*\])", spec) if kv)
+    return {k.strip(): ast.literal_eval(v) for k, v in pairs}
 
 
 def eval_split(split: str, cfg: dict):

@@ -7,11 +7,10 @@ overrides given as `key=value,...` per variant; prints validation top-1 and wall
         "epochs=0" "augment=True,learn_weight_scales=True" "augment=False" "augment=False,learn_weight_scales=False"
 """
 import argparse
-import ast
 import time
 from pathlib import Path
 
-from accuracy import eval_split
+from accuracy import eval_split, parse_overrides
 
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
 from mimiq_deploy.models import load_model
@@ -32,7 +31,7 @@ def main():
     x, y = eval_split("val", teacher.pretrained_cfg)
     print(f"teacher: {accuracy(teacher, x, y):.2f} % validation top-1")
     for spec in args.variants:
-        overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        overrides = parse_overrides(spec)
         run = Path(args.out) / f"{args.bits}-{spec.replace(',', '_').replace('=', '')}"
         RunDir(run).link_synthetic(args.data)
         t0 = time.time()

@@ -9,14 +9,13 @@ statistics, total variation per image) beside the real images' figures.
     python benchmarks/tune_synthesis.py --bits w3a3 --seeds 0,1 "" "beta=3e-3" "ihc=False,beta=3e-3"
 """
 import argparse
-import ast
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from accuracy import eval_split, real_images
+from accuracy import eval_split, parse_overrides, real_images
 
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
 from mimiq_deploy.models import load_model
@@ -27,12 +26,9 @@ from mimiq_deploy.teacher import accuracy
 
 
 def parse_variant(spec: str) -> tuple[dict, dict]:
-    synth, ft = {}, {}
-    for kv in filter(None, spec.split(",")):
-        key, value = kv.split("=", 1)
-        target = ft if key.startswith("ft.") else synth
-        target[key.removeprefix("ft.")] = ast.literal_eval(value)
-    return synth, ft
+    overrides = parse_overrides(spec)
+    synth = {k: v for k, v in overrides.items() if not k.startswith("ft.")}
+    return synth, {k.removeprefix("ft."): v for k, v in overrides.items() if k.startswith("ft.")}
 
 
 def set_statistics(teacher, images: torch.Tensor, labels: torch.Tensor) -> dict:

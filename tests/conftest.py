@@ -7,6 +7,20 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The embedded default at test size: every stage runs, in seconds (tests write it as their --recipe).
+TINY_FMNIST_RECIPE = """
+[synthesize]
+num_images = 32
+batch_size = 16
+steps = 3
+jitter = 2
+[finetune]
+epochs = 1
+batch_size = 16
+milestones = [1]
+calib_images = 32
+"""
+
 
 def run_cli(*args, env=None, timeout=600):
     """Run `mimiq-deploy ARGS` in a fresh process, as a user would."""

@@ -10,22 +10,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from conftest import TINY_FMNIST_RECIPE as TINY_FMNIST
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-TINY_FMNIST = """
-[synthesize]
-num_images = 32
-batch_size = 16
-steps = 2
-jitter = 2
-[finetune]
-epochs = 1
-batch_size = 16
-milestones = [1]
-calib_images = 32
-"""
 TINY_DEIT = """
 [synthesize]
 num_images = 4

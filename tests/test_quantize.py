@@ -1,18 +1,7 @@
 """`quantize` end to end on a tiny recipe: every stage, the report, and a rerun that skips them all."""
 import json
 
-TINY = """
-[synthesize]
-num_images = 32
-batch_size = 16
-steps = 3
-jitter = 2
-[finetune]
-epochs = 1
-batch_size = 16
-milestones = [1]
-calib_images = 32
-"""
+from conftest import TINY_FMNIST_RECIPE as TINY
 
 
 def test_quantize_end_to_end_and_rerun(cli, tmp_path):
