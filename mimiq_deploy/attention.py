@@ -14,7 +14,14 @@ from .errors import MimiqError
 
 
 class MatMul(nn.Module):
-    """`a @ b` as a module, so hooks and quantizers can attach to it."""
+    """`a @ b` as a module, so hooks and quantizers can attach to it.
+
+    a_nonnegative: the first operand is never negative (attention probabilities), so its
+    quantizer may use an unsigned grid (QuantConfig.unsigned_probs)."""
+
+    def __init__(self, a_nonnegative: bool = False):
+        super().__init__()
+        self.a_nonnegative = a_nonnegative
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
@@ -37,7 +44,7 @@ class ExplicitAttention(nn.Module):
         self.proj_drop = attn.proj_drop
         self.gate = getattr(attn, "gate", None)
         self.qk = MatMul()
-        self.av = MatMul()
+        self.av = MatMul(a_nonnegative=True)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape

@@ -59,7 +59,7 @@ def check_graph(model: onnx.ModelProto, target: str) -> list[str]:
             if src is not None and _is_residual_add(src, producers, consts):
                 problems.append(f"{node.name}: quantizes the residual stream (output of {src.name})")
             zp = consts.get(node.input[2]) if len(node.input) > 2 else None
-            if target == "tensorrt" and zp is not None and zp.data_type == TensorProto.INT4:
+            if target == "tensorrt" and zp is not None and zp.data_type in (TensorProto.INT4, TensorProto.UINT4):
                 problems.append(f"{node.name}: INT4 activation quantization (TensorRT has INT4 weights only)")
         if node.op_type == "DequantizeLinear":
             for c in consumers[node.output[0]]:

@@ -93,8 +93,11 @@ def inline_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False) -> TensorProto:
-    """Signed codes as INT8 / INT4; with uint8, 8-bit codes shifted by 128 (zero point 128): the same values."""
+def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False, unsigned: bool = False) -> TensorProto:
+    """Signed codes as INT8 / INT4; with uint8, 8-bit codes shifted by 128 (zero point 128): the same values.
+    unsigned: codes of an unsigned grid as UINT4 (only 4-bit activations have one)."""
+    if unsigned:
+        return helper.make_tensor(name, TensorProto.UINT4, codes.shape, codes.astype(np.uint8).flatten().tolist())
     if bits == 8 and uint8:
         return numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name)
     if bits == 8:
@@ -102,8 +105,8 @@ def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False) ->
     return helper.make_tensor(name, TensorProto.INT4, codes.shape, codes.astype(np.int8).flatten().tolist())
 
 
-def _zero_point(name: str, bits: int, shape=(), uint8: bool = False) -> TensorProto:
-    return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits, uint8)
+def _zero_point(name: str, bits: int, shape=(), uint8: bool = False, unsigned: bool = False) -> TensorProto:
+    return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits, uint8, unsigned)
 
 
 def _lower_weight(node, scale, w, bits: int, narrow: bool, axis: int, follow: list, target: str, block_size: int,
@@ -140,11 +143,11 @@ def _lower_weight(node, scale, w, bits: int, narrow: bool, axis: int, follow: li
     return nodes, inits, absorbed
 
 
-def _lower_activation(node, x: str, scale, bits: int, uint8: bool) -> tuple[list, list]:
+def _lower_activation(node, x: str, scale, bits: int, uint8: bool, unsigned: bool) -> tuple[list, list]:
     """A placeholder on an activation: per-tensor QuantizeLinear -> DequantizeLinear."""
     out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
     inits = [numpy_helper.from_array(scale.reshape(()).astype(np.float32), f"{tag}_scale"),
-             _zero_point(f"{tag}_zp", bits, (), uint8)]
+             _zero_point(f"{tag}_zp", bits, (), uint8, unsigned)]
     nodes = [helper.make_node("QuantizeLinear", [x, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
                               name=f"{tag}_QuantizeLinear"),
              helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [out],
@@ -152,17 +155,20 @@ def _lower_activation(node, x: str, scale, bits: int, uint8: bool) -> tuple[list
     return nodes, inits
 
 
-def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int]:
-    """(input, scale, bits, narrow, axis) of a `mimiq::FakeQuant` node, refused where ONNX has no type for it."""
+def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int, bool]:
+    """(input, scale, bits, narrow, axis, unsigned) of a `mimiq::FakeQuant` node, refused where ONNX has no
+    type for it."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    bits, narrow, axis = attrs["bits"], bool(attrs["narrow"]), attrs["axis"]
+    bits, narrow, axis, unsigned = attrs["bits"], bool(attrs["narrow"]), attrs["axis"], bool(attrs.get("unsigned", 0))
     if bits not in (4, 8):
         raise MimiqError(f"{bits}-bit tensors have no ONNX integer type: export supports INT8 and INT4 "
                          "(w4a4, w4a8, w8a4, w8a8)")
+    if unsigned and bits != 4:  # uint8 means zero point 128 in these graphs (encoding.py); never made by convert
+        raise MimiqError(f"{node.name}: unsigned {bits}-bit quantization has no export (only UINT4 activations)")
     x, s = node.input
     if s not in inits:
         raise MimiqError(f"scale of {node.name} is not a constant")
-    return x, numpy_helper.to_array(inits[s]).astype(np.float32), bits, narrow, axis
+    return x, numpy_helper.to_array(inits[s]).astype(np.float32), bits, narrow, axis, unsigned
 
 
 def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_size: int = 32,
@@ -182,7 +188,7 @@ def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_
         if node.domain != "mimiq":
             nodes.append(node)
             continue
-        x, scale, bits, narrow, axis = _placeholder(node, inits)
+        x, scale, bits, narrow, axis, unsigned = _placeholder(node, inits)
         if x in inits:  # a weight: store its integer codes
             w = numpy_helper.to_array(inits[x]).astype(np.float32)
             lowered, added, absorbed = _lower_weight(node, scale, w, bits, narrow, axis, users[node.output[0]],
@@ -193,7 +199,7 @@ def lower_fake_quant(model: onnx.ModelProto, target: str = "onnxruntime", block_
             rename[node.output[0]] = x
             continue
         else:
-            lowered, added = _lower_activation(node, x, scale, bits, uint8)
+            lowered, added = _lower_activation(node, x, scale, bits, uint8, unsigned)
         nodes += lowered
         new_inits += added
     for node in nodes:  # weight-only: readers of a dropped activation placeholder read its input

@@ -50,6 +50,10 @@ def test_ort_graph_matches_fake_quant(teacher, bits, tmp_path):
         assert cos.min() > 0.995, (level, cos.min())
         if level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:  # noise images: near-tie logits
             assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    inits = {t.name: t for t in model.graph.initializer}
+    prob_zps = {inits[n.input[2]].data_type for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and "av_a_quant" in n.name}
+    assert prob_zps == ({TensorProto.UINT4} if bits == "w4a4" else {TensorProto.UINT8})  # attention probabilities
     if bits == "w4a4":
         assert "tensorrt" in manifest["notes"] and "w4a8" in manifest["notes"]["tensorrt"]
         assert not (tmp_path / "export" / TRT_ONNX).exists()

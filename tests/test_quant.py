@@ -10,9 +10,10 @@ from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.quant import QuantConfig, TensorQuantizer, parse_bits
 
 
-def _ort_qdq(x: np.ndarray, scale: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _ort_qdq(x: np.ndarray, scale: np.ndarray, bits: int, axis: int | None,
+             unsigned: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(integer codes, dequantized values) from ONNX Runtime."""
-    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
+    qtype = {(8, False): TensorProto.INT8, (4, False): TensorProto.INT4, (4, True): TensorProto.UINT4}[bits, unsigned]
     zp = np.zeros(scale.shape, dtype=np.int8)
     attrs = {"axis": axis} if axis is not None else {}
     nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
@@ -58,6 +59,37 @@ def test_fake_quant_equals_onnx_qdq(bits, kind):
     ours_codes = np.rint(ours / q._broadcast_scale(x).detach().numpy())
     assert np.array_equal(ours_codes, codes)
     assert codes.min() >= q.qmin and codes.max() <= q.qmax
+
+
+def test_unsigned_fake_quant_equals_onnx_uint4():
+    """Attention probabilities below 8 bits: codes [0, 15] at 4 bits, exactly ONNX's UINT4 Q -> DQ."""
+    torch.manual_seed(0)
+    q = TensorQuantizer(4, narrow=False, unsigned=True)
+    q.scale.data.fill_(0.02)
+    x = torch.rand(4, 50, 50) * 0.4 - 0.02  # beyond both ends of the grid
+    x.view(-1)[:15] = (torch.arange(15) + 0.5) * 0.02  # half-way values: round half to even
+    ours = q(x).detach().numpy()
+    codes, theirs = _ort_qdq(x.numpy(), q.scale.detach().numpy(), 4, None, unsigned=True)
+    assert np.array_equal(ours, theirs)
+    assert (q.qmin, q.qmax) == (0, 15) and codes.min() == 0 and codes.max() == 15
+
+
+def test_attention_probabilities_take_an_unsigned_grid_below_8_bits(teacher, tmp_path):
+    from mimiq_deploy.finetune import build_student, load_student, save_student
+
+    for bits, unsigned in (("w3a3", True), ("w4a4", True), ("w4a8", False), ("w8a8", False)):
+        student = build_student(teacher, parse_bits(bits))
+        probs = [m.a_quant for n, m in student.named_modules() if n.endswith("attn.av")]
+        others = [q for n, q in student.named_modules() if isinstance(q, TensorQuantizer) and q not in probs]
+        assert probs and all(q.unsigned == unsigned for q in probs), bits
+        assert not any(q.unsigned for q in others)  # q, k, v and every layer input keep the signed grid
+    save_student(tmp_path / "new.pt", student := build_student(teacher, parse_bits("w3a3")), "fmnist-vit", None,
+                 student.quant_config, {})
+    assert load_student(tmp_path / "new.pt").blocks[0].attn.av.a_quant.qmax == 7
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
+    del ckpt["unsigned_probs"]  # as written before the unsigned grid: its scales were calibrated for [-4, 3]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_student(tmp_path / "old.pt").blocks[0].attn.av.a_quant.qmax == 3
 
 
 def test_lsq_gradients():

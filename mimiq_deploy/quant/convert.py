@@ -43,8 +43,8 @@ def _weighted(cls):
 
 
 def _matmul(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
-    q = QuantMatMul()
-    q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+    q = QuantMatMul(module.a_nonnegative)
+    q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False, unsigned=module.a_nonnegative and cfg.probs_unsigned)
     q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False)
     return q
 

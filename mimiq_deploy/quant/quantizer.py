@@ -16,8 +16,11 @@ from torch import nn
 SCALE_FLOOR = 0.1
 
 
-def qrange(bits: int, narrow: bool) -> tuple[int, int]:
-    """Signed integer range: narrow (+-(2^(b-1)-1)) for weights, full for activations."""
+def qrange(bits: int, narrow: bool, unsigned: bool = False) -> tuple[int, int]:
+    """Signed integer range: narrow (+-(2^(b-1)-1)) for weights, full for activations;
+    unsigned: [0, 2^b - 1] (a non-negative tensor, e.g. attention probabilities)."""
+    if unsigned:
+        return 0, 2 ** bits - 1
     qmax = 2 ** (bits - 1) - 1
     return (-qmax if narrow else -qmax - 1), qmax
 
@@ -73,12 +76,12 @@ class _OnnxFakeQuant(torch.autograd.Function):
     """Placeholder node `mimiq::FakeQuant` in exported graphs; export.py lowers it to Q/DQ."""
 
     @staticmethod
-    def forward(ctx, x, scale, bits: int, narrow: int, axis: int):
+    def forward(ctx, x, scale, bits: int, narrow: int, axis: int, unsigned: int):
         return x.clone()  # a fresh tensor: the tracer cannot record an op that returns its input
 
     @staticmethod
-    def symbolic(g, x, scale, bits, narrow, axis):
-        out = g.op("mimiq::FakeQuant", x, scale, bits_i=bits, narrow_i=narrow, axis_i=axis)
+    def symbolic(g, x, scale, bits, narrow, axis, unsigned):
+        out = g.op("mimiq::FakeQuant", x, scale, bits_i=bits, narrow_i=narrow, axis_i=axis, unsigned_i=unsigned)
         out.setType(x.type())  # shape and dtype pass through (convolution export needs them)
         return out
 
@@ -87,12 +90,13 @@ class TensorQuantizer(nn.Module):
     """Owns its state (bits, scale, axis, enabled) so export reads the module, not the training loop.
 
     axis None: one scale per tensor (activations); axis 0: one per output channel (weights).
+    unsigned: codes [0, 2^b - 1] for a tensor known to be non-negative (zero point 0 all the same).
     """
 
-    def __init__(self, bits: int, narrow: bool, axis: int | None = None, channels: int = 1):
+    def __init__(self, bits: int, narrow: bool, axis: int | None = None, channels: int = 1, unsigned: bool = False):
         super().__init__()
-        self.bits, self.narrow, self.axis = bits, narrow, axis
-        self.qmin, self.qmax = qrange(bits, narrow)
+        self.bits, self.narrow, self.axis, self.unsigned = bits, narrow, axis, unsigned
+        self.qmin, self.qmax = qrange(bits, narrow, unsigned)
         self.scale = nn.Parameter(torch.ones(channels if axis is not None else ()))
         self.register_buffer("scale_floor", torch.zeros(channels if axis is not None else ()))
         self.enabled = True
@@ -113,7 +117,8 @@ class TensorQuantizer(nn.Module):
         if not self.enabled:
             return x
         if torch.onnx.is_in_onnx_export():
-            return _OnnxFakeQuant.apply(x, self.scale, self.bits, int(self.narrow), -1 if self.axis is None else self.axis)
+            return _OnnxFakeQuant.apply(x, self.scale, self.bits, int(self.narrow), -1 if self.axis is None else self.axis,
+                                        int(self.unsigned))
         scale = self._broadcast_scale(x)
         per_scale = x.numel() / max(1, self.scale.numel())
         return _LsqFakeQuant.apply(x, scale, self.qmin, self.qmax, 1.0 / math.sqrt(per_scale * self.qmax))
@@ -160,4 +165,5 @@ class TensorQuantizer(nn.Module):
         self.scale.copy_(torch.maximum(self.scale, self.scale_floor))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, narrow={self.narrow}, axis={self.axis}, enabled={self.enabled}"
+        return (f"bits={self.bits}, narrow={self.narrow}, axis={self.axis}, enabled={self.enabled}"
+                + (", unsigned=True" if self.unsigned else ""))

@@ -32,7 +32,8 @@ def ptq_student(teacher, cfg: QuantConfig, images):
 def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
     atomic_torch_save({"format": STUDENT_FORMAT, "model_name": model_name,
                        "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-                       "bits": cfg.name, "input_bits": cfg.input_bits, "state_dict": student.state_dict(),
+                       "bits": cfg.name, "input_bits": cfg.input_bits,
+                       "unsigned_probs": cfg.unsigned_probs, "state_dict": student.state_dict(),
                        "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
 
 
@@ -47,7 +48,8 @@ def load_student(path: Path, trust: bool = False):
     teacher = load_teacher(ckpt["model_name"], ckpt["teacher_checkpoint"], trust=trust)
     cfg = parse_bits(ckpt["bits"])
     # students written before input_bits existed quantized the image at the activation width
-    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits))
+    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits),
+                              unsigned_probs=ckpt.get("unsigned_probs", False))  # so did their probabilities
     student = build_student(teacher, cfg)
     state = dict(ckpt["state_dict"])
     for name, value in student.state_dict().items():
