@@ -165,6 +165,8 @@ def _signature(cfg: QuantConfig, recipe: FinetuneRecipe, model_name: str) -> dic
     signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
     if cfg.act_bits < cfg.input_bits:  # states from before the 8-bit image input are not resumed into it
         signature["input_bits"] = cfg.input_bits
+    if cfg.probs_unsigned:  # nor states from before the unsigned probability grid into it
+        signature["unsigned_probs"] = True
     return signature
 
 
