@@ -4,7 +4,9 @@ For image sets made by benchmarks/accuracy.py (run directories holding `synth/`)
 validation images, prints per activation quantizer: max |x| and the 99.9th percentile of |x|
 relative to the real images, the MSE-calibrated step size relative to the one real images give;
 then the validation top-1 of the PTQ student calibrated on each set with each estimator; and
-(--sensitivity) the top-1 with only one quantizer group at the low bit width (real-image scales).
+(--sensitivity) the top-1 with only one quantizer group at the low bit width (real-image scales);
+(--probs) what the attention probabilities keep on a signed and on an unsigned grid (levels, share
+rounded to 0, row sums) and how close the PTQ student's head outputs are to the teacher's (L_HAD's SSIM).
 
     python benchmarks/diagnose_lowbit.py --bits w3a3 runs/benchmark/{mimiq,base,noise,real}-s0
 """
@@ -29,6 +31,38 @@ def short(name: str) -> str:
     return name.replace("blocks.", "b").replace(".attn", "").replace("_quant", "").replace("patch_embed.proj", "stem")
 
 
+def probabilities_report(teacher, cfg, sets: dict, n: int = 128) -> None:
+    """Per set, on its first n images: PTQ student (calibrated on them) with a signed and an unsigned grid
+    for the attention probabilities: levels used, share at 0, row sum (last layer), head-output SSIM."""
+    from mimiq_deploy.attention import AttentionRecorder
+    from mimiq_deploy.similarity import global_ssim
+
+    print(f"\nattention probabilities at {cfg.name} (PTQ on the set's first {n} images)")
+    for k, images in sets.items():
+        x = images[:n]
+        t_rec = AttentionRecorder(teacher, logits=False, outputs=True, maps=True)
+        with torch.no_grad():
+            teacher(x)
+        t_rec.remove()
+        for unsigned in (False, True):
+            s = build_student(teacher, dataclasses.replace(cfg, unsigned_probs=unsigned))
+            calibrate(s, x)
+            s_rec = AttentionRecorder(s, logits=False, outputs=True)
+            with torch.no_grad():
+                s(x)
+            s_rec.remove()
+            quants = [m.a_quant for name, m in s.named_modules() if name.endswith("attn.av")]
+            with torch.no_grad():
+                probs = [q(p) for q, p in zip(quants, t_rec.maps)]  # the teacher's probabilities on the grid
+            levels = [len(torch.unique(p)) for p in probs]
+            zeros = [(p == 0).float().mean().item() for p in probs]
+            ssim = [global_ssim(a[:, :, 1:], b[:, :, 1:], dim=2, luminance=False).mean().item()
+                    for a, b in zip(t_rec.outputs, s_rec.outputs)]
+            print(f"{k[:16]:16s} {'unsigned' if unsigned else 'signed':8s} levels {levels} "
+                  f"at 0: {min(zeros):.2f}-{max(zeros):.2f}  row sum (last layer) {probs[-1].sum(-1).mean():.2f}  "
+                  f"head-output SSIM {sum(ssim) / len(ssim):.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", help="Run directories holding a synth/ image set.")
@@ -36,6 +70,7 @@ def main():
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--methods", default="mse,minmax,p99.99,p99.9")
     ap.add_argument("--sensitivity", action="store_true")
+    ap.add_argument("--probs", action="store_true", help="attention probabilities: signed vs unsigned grid")
     ap.add_argument("--input-bits", type=int, default=None, help="bits of the image-input quantizer (default: the scheme's 8)")
     args = ap.parse_args()
     teacher = load_model("fmnist-vit")
@@ -74,6 +109,8 @@ def main():
             calibrate(s, images, method=m)
             accs.append(accuracy(s, x_val, y_val))
         print(k[:16].ljust(16) + "".join(f"{a:9.2f}" for a in accs), flush=True)
+    if args.probs:
+        probabilities_report(teacher, cfg, sets)
     if args.sensitivity:
         print(f"\nsensitivity: val top-1 with one group quantized at {cfg.name} (the rest float), real-image MSE scales")
         s = copy.deepcopy(base)

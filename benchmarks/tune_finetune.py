@@ -7,6 +7,7 @@ overrides given as `key=value,...` per variant; prints validation top-1 and wall
         "epochs=0" "augment=True,learn_weight_scales=True" "augment=False" "augment=False,learn_weight_scales=False"
 """
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
     ap.add_argument("--out", default="runs/tune")
+    ap.add_argument("--signed-probs", action="store_true",
+                    help="attention probabilities on the signed grid (the scheme before the unsigned one)")
     ap.add_argument("variants", nargs="+", help="Recipe overrides, e.g. augment=False,gamma=1.0")
     args = ap.parse_args()
     teacher = load_model("fmnist-vit")
@@ -32,10 +35,11 @@ def main():
     print(f"teacher: {accuracy(teacher, x, y):.2f} % validation top-1")
     for spec in args.variants:
         overrides = parse_overrides(spec)
-        run = Path(args.out) / f"{args.bits}-{spec.replace(',', '_').replace('=', '')}"
+        run = Path(args.out) / f"{args.bits}{'-signed' if args.signed_probs else ''}-{spec.replace(',', '_').replace('=', '')}"
         RunDir(run).link_synthetic(args.data)
         t0 = time.time()
-        finetune(teacher, "fmnist-vit", None, run, parse_bits(args.bits), load_finetune_recipe(args.recipe, overrides),
+        cfg = dataclasses.replace(parse_bits(args.bits), unsigned_probs=not args.signed_probs)
+        finetune(teacher, "fmnist-vit", None, run, cfg, load_finetune_recipe(args.recipe, overrides),
                  progress=False)
         print(f"{args.bits} {spec}: {accuracy(load_student(run / 'student.pt'), x, y):.2f} % validation top-1 "
               f"({time.time() - t0:.0f} s)", flush=True)
