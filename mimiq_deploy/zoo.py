@@ -3,9 +3,9 @@
 The embedded default `fmnist-vit` is a timm model like any other: registered with
 `@register_model` (timm name `fmnist_vit`) and a default_cfg naming the committed weights, so
 loading it is one `timm.create_model("fmnist_vit", pretrained=True)`. Other families are timm's
-own ViT / DeiT models, with weights from a checkpoint or timm's local cache. Never downloads.
-A new model family: a builder + `@register_model` entrypoint here, and its attention blocks known
-to attention.capture_attention.
+own ViT / DeiT / Swin models, with weights from a checkpoint or timm's local cache. Never downloads.
+The second embedded model, `fmnist-swin` (timm name `fmnist_swin`), is a timm SwinTransformer loaded the same way.
+What the method needs of each architecture lives in families/ (one module per family).
 """
 import os
 from pathlib import Path
@@ -18,10 +18,10 @@ from safetensors.torch import load_file as load_safetensors
 from timm.data import resolve_data_config
 from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .attention import capture_attention
+from .families import family_of
 from .data import FMNIST_CLASSES
 from .errors import MimiqError
 from .io import load_torch_file
@@ -259,10 +259,9 @@ def load_teacher(name: str, checkpoint: str | Path | None = None, capture: bool 
         model = timm.create_model(TIMM_NAME[name], pretrained=True, pretrained_cfg_overlay=overlay, trust=trust)
     else:
         model = _timm_teacher(name, checkpoint, trust)
-    if not any(isinstance(m, TimmAttention) for m in model.modules()):
-        raise MimiqError(f"{name!r} has no timm ViT Attention blocks: supported are ViT / DeiT models")
+    family = family_of(model)  # a one-line error for a model of no known family
     if capture:
-        capture_attention(model)
+        family.capture(model)
     return model.eval()
 
 
