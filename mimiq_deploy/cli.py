@@ -9,10 +9,10 @@ from .check import TARGETS as CHECK_TARGETS
 from .errors import MimiqError
 
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
-                            help="fmnist-vit (embedded), or a timm model name.")
+                            help="fmnist-vit or fmnist-swin (embedded), or a timm ViT / DeiT / Swin model name.")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                                  help="Weights for a timm model (a state dict or a checkpoint with a 'model' key; "
-                                      ".pt / .pth, or .safetensors), or, with fmnist-vit, a checkpoint written by "
+                                      ".pt / .pth, or .safetensors), or, with fmnist-vit / fmnist-swin, a checkpoint written by "
                                       "`mimiq-deploy teacher train`.")
 trust_option = click.option("--trust-checkpoint", "trust", is_flag=True,
                             help="Unpickle the checkpoint fully, the old way. Only for files from a trusted source: "
