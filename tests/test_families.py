@@ -198,6 +198,8 @@ def test_tiny_run_of_a_timm_model_passes_verify_and_both_checks(name, tmp_path, 
     for verb in ("export", "build"):
         r = cli(verb, run)
         assert r.returncode == 0, (verb, r.stderr[-2000:])
+    built = json.loads((run / "build.json").read_text())["artifacts"]["ort-cpu-w8a8"]
+    assert built["integer_kernels"].get("QLinearMatMul", 0) + built["integer_kernels"].get("MatMulIntegerToFloat", 0) > 0
     r = cli("verify", run, "--val-dir", val)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     report = json.loads((run / "verify.json").read_text())
