@@ -75,14 +75,14 @@ def real_images(n: int, seed: int, cfg: dict):
     return normalize_uint8(x[pick], cfg["mean"], cfg["std"]), y[pick]
 
 
-def maskaq_set(teacher, recipe_path, seed: int, bits: str, mimiq_dir: Path, out_dir: Path):
+def maskaq_set(teacher, model_name: str, recipe_path, seed: int, bits: str, mimiq_dir: Path, out_dir: Path):
     """Rows 10-11's set: MaskAQ synthesis against the PTQ student of `bits` calibrated on the MimiQ set.
 
     Returns (directory, seconds, synthesis recipe)."""
     recipe = load_synthesis_recipe(recipe_path, {"seed": seed, **MASKAQ_SYNTHESIS})
     calib = load_finetune_recipe(recipe_path, {}).calib_images
     student = ptq_student(teacher, parse_bits(bits), load_synthetic(mimiq_dir)[0][:calib])
-    manifest = synthesize(teacher, "fmnist-vit", out_dir, recipe, student=student,
+    manifest = synthesize(teacher, model_name, out_dir, recipe, student=student,
                           student_tag=f"{bits} PTQ on {mimiq_dir.name}")
     return out_dir, synthesis_seconds(manifest), recipe
 
@@ -95,7 +95,8 @@ def synthesis_seconds(manifest: dict) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
+    ap.add_argument("--model", default=args.model, choices=[args.model, "fmnist-swin"])
+    ap.add_argument("--recipe", default=None, help="default: calib/<model>-fast.toml")
     ap.add_argument("--bits", default="w3a3,w4a4,w4a8,w8a8")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--rows", default="1,12,13,2,3,4,5,6,7",
@@ -104,7 +105,8 @@ def main():
     ap.add_argument("--out", default="runs/benchmark")
     ap.add_argument("--results", default=None, help="Also write the table (and this command) to this Markdown file.")
     args = ap.parse_args()
-    teacher = load_model("fmnist-vit")
+    args.recipe = args.recipe or f"calib/{args.model}-fast.toml"
+    teacher = load_model(args.model)
     cfg = teacher.pretrained_cfg
     x_eval, y_eval = eval_split(args.split, cfg)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -133,21 +135,21 @@ def main():
                 continue
             recipe = load_synthesis_recipe(args.recipe, {"seed": seed, **overrides})
             synth[kind] = out / f"{kind}-s{seed}"
-            synth[kind + "_seconds"] = synthesis_seconds(synthesize(teacher, "fmnist-vit", synth[kind], recipe))
+            synth[kind + "_seconds"] = synthesis_seconds(synthesize(teacher, args.model, synth[kind], recipe))
         n = load_synthesis_recipe(args.recipe, {}).num_images
         synth["real"] = out / f"real-s{seed}"
-        save_image_set(synth["real"], "fmnist-vit", *real_images(n, seed, cfg), kind="real", data_cfg=cfg)
+        save_image_set(synth["real"], args.model, *real_images(n, seed, cfg), kind="real", data_cfg=cfg)
         synth["real_seconds"] = 0.0
         for bits in bits_list:
             if "maskaq" in kinds:
                 synth["maskaq"], synth["maskaq_seconds"], maskaq_recipe = maskaq_set(
-                    teacher, args.recipe, seed, bits, synth["mimiq"], out / f"maskaq-s{seed}-{bits}")
+                    teacher, args.model, args.recipe, seed, bits, synth["mimiq"], out / f"maskaq-s{seed}-{bits}")
             for row, kind, overrides in plan:
                 run = out / f"{kind}-s{seed}-{bits}-{row.split()[0]}"
                 RunDir(run).link_synthetic(synth[kind])
                 recipe = load_finetune_recipe(args.recipe, {"seed": seed, **overrides})
                 t0 = time.time()
-                finetune(teacher, "fmnist-vit", None, run, parse_bits(bits), recipe,
+                finetune(teacher, args.model, None, run, parse_bits(bits), recipe,
                          synth_recipe=maskaq_recipe if kind == "maskaq" else None)
                 share = synth[kind + "_seconds"] if kind == "maskaq" else synth[kind + "_seconds"] / len(bits_list)
                 if kind == "maskaq":  # plus its share of the MimiQ set its PTQ student was calibrated on

@@ -43,7 +43,7 @@ def teacher_and_images(name: str):
         ds = fmnist_eval_dataset(teacher.pretrained_cfg, split="train")
         return teacher, torch.stack([ds[i][0] for i in range(64)]), "64 Fashion-MNIST training images"
     import timm
-    from mimiq_deploy.attention import capture_attention
+    from mimiq_deploy.families import capture_attention
     teacher = capture_attention(timm.create_model(name, pretrained=False)).eval()
     return teacher, torch.randn(8, *teacher.pretrained_cfg["input_size"]), "8 Gaussian-noise images"
 

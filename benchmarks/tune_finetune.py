@@ -24,13 +24,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Run directory holding the synthetic set.")
     ap.add_argument("--bits", default="w4a4")
-    ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
+    ap.add_argument("--model", default=args.model, choices=[args.model, "fmnist-swin"])
+    ap.add_argument("--recipe", default=None, help="default: calib/<model>-fast.toml")
     ap.add_argument("--out", default="runs/tune")
     ap.add_argument("--signed-probs", action="store_true",
                     help="attention probabilities on the signed grid (the scheme before the unsigned one)")
     ap.add_argument("variants", nargs="+", help="Recipe overrides, e.g. augment=False,gamma=1.0")
     args = ap.parse_args()
-    teacher = load_model("fmnist-vit")
+    args.recipe = args.recipe or f"calib/{args.model}-fast.toml"
+    teacher = load_model(args.model)
     x, y = eval_split("val", teacher.pretrained_cfg)
     print(f"teacher: {accuracy(teacher, x, y):.2f} % validation top-1")
     for spec in args.variants:
@@ -39,7 +41,7 @@ def main():
         RunDir(run).link_synthetic(args.data)
         t0 = time.time()
         cfg = dataclasses.replace(parse_bits(args.bits), unsigned_probs=not args.signed_probs)
-        finetune(teacher, "fmnist-vit", None, run, cfg, load_finetune_recipe(args.recipe, overrides),
+        finetune(teacher, args.model, None, run, cfg, load_finetune_recipe(args.recipe, overrides),
                  progress=False)
         print(f"{args.bits} {spec}: {accuracy(load_student(run / 'student.pt'), x, y):.2f} % validation top-1 "
               f"({time.time() - t0:.0f} s)", flush=True)

@@ -43,14 +43,16 @@ def set_statistics(teacher, images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="calib/fmnist-vit-fast.toml")
+    ap.add_argument("--model", default=args.model, choices=[args.model, "fmnist-swin"])
+    ap.add_argument("--recipe", default=None, help="default: calib/<model>-fast.toml")
     ap.add_argument("--bits", default="w3a3")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", default="runs/tune-synthesis")
     ap.add_argument("--json", default=None, help="Also write every measured figure to this JSON file.")
     ap.add_argument("variants", nargs="+", help='Overrides, e.g. "beta=3e-3,steps=300,ft.epochs=12"; "" = the recipe.')
     args = ap.parse_args()
-    teacher = load_model("fmnist-vit")
+    args.recipe = args.recipe or f"calib/{args.model}-fast.toml"
+    teacher = load_model(args.model)
     cfg = teacher.pretrained_cfg
     x_val, y_val = eval_split("val", cfg)
     n = load_synthesis_recipe(args.recipe, {}).num_images
@@ -64,7 +66,7 @@ def main():
         for seed in (int(s) for s in args.seeds.split(",")):
             t0 = time.time()
             set_dir = Path(args.out) / f"{name}-s{seed}"
-            synthesize(teacher, "fmnist-vit", set_dir,
+            synthesize(teacher, args.model, set_dir,
                        load_synthesis_recipe(args.recipe, {"seed": seed, **synth_overrides}), progress=False)
             images, labels, _ = load_synthetic(set_dir)
             stats = set_statistics(teacher, images.float(), labels)
@@ -73,7 +75,7 @@ def main():
                 run = Path(args.out) / f"{name}-s{seed}-{args.bits}-{label}"
                 RunDir(run).link_synthetic(set_dir)
                 recipe = load_finetune_recipe(args.recipe, {"seed": seed, **ft_overrides, **extra})
-                finetune(teacher, "fmnist-vit", None, run, parse_bits(args.bits), recipe, progress=False)
+                finetune(teacher, args.model, None, run, parse_bits(args.bits), recipe, progress=False)
                 top1[label] = accuracy(load_student(run / "student.pt"), x_val, y_val)
             ptq.append(top1["ptq"])
             tuned.append(top1["finetuned"])

@@ -9,10 +9,10 @@ from .check import TARGETS as CHECK_TARGETS
 from .errors import MimiqError
 
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
-                            help="fmnist-vit (embedded), or a timm model name.")
+                            help="fmnist-vit or fmnist-swin (embedded), or a timm ViT / DeiT / Swin model name.")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                                  help="Weights for a timm model (a state dict or a checkpoint with a 'model' key; "
-                                      ".pt / .pth, or .safetensors), or, with fmnist-vit, a checkpoint written by "
+                                      ".pt / .pth, or .safetensors), or, with fmnist-vit / fmnist-swin, a checkpoint written by "
                                       "`mimiq-deploy teacher train`.")
 trust_option = click.option("--trust-checkpoint", "trust", is_flag=True,
                             help="Unpickle the checkpoint fully, the old way. Only for files from a trusted source: "
@@ -320,7 +320,7 @@ def inspect_attention(model_name, checkpoint, trust, run_dirs, real, val_dir, da
 
 @main.group()
 def teacher():
-    """The embedded default teacher (Fashion-MNIST ViT)."""
+    """The embedded teachers (Fashion-MNIST ViT and Swin)."""
 
 
 @teacher.command("train")
@@ -332,20 +332,21 @@ def teacher():
 @click.option("--epochs", type=int, default=None, help="Override the recipe's epoch count.")
 @click.option("--train-subset", type=int, default=None, help="Train on this many images (recipe search).")
 def teacher_train(recipe, out, data_dir, epochs, train_subset):
-    """Train the embedded default teacher (resumes an interrupted run)."""
+    """Train an embedded teacher (resumes an interrupted run); the recipe's [arch] family picks which."""
     from .teacher import check_out_path, default_teacher_path, load_recipe, train_teacher
+    from .zoo import embedded_name
 
     r = load_recipe(recipe)
     if epochs is not None:
         r.epochs = epochs
     if train_subset is not None:
         r.train_subset = train_subset
-    out = check_out_path(out or default_teacher_path())
+    out = check_out_path(out or default_teacher_path(r.arch))
     m = train_teacher(r, out, data_dir)
     click.echo(f"teacher: {m['params'] / 1e6:.2f} M params, val top-1 {m['val_top1']:.2f}%, "
                f"test top-1 {m['test_top1']:.2f}%, {m['train_minutes']:.1f} min -> {out}")
-    if out != default_teacher_path():
-        click.echo(f"use it with any verb: --model fmnist-vit --checkpoint {out}")
+    if out != default_teacher_path(r.arch):
+        click.echo(f"use it with any verb: --model {embedded_name(r.arch)} --checkpoint {out}")
 
 
 

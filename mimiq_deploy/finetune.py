@@ -21,6 +21,7 @@ from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError
+from .families import family_of
 from .io import load_torch_file, restore_resume_state, save_resume_state
 from .quant import QuantConfig, calibrate, quant_modules
 from .quant.student import build_student, load_student, ptq_student, save_student  # noqa: F401 (the API's home)
@@ -88,19 +89,25 @@ class SimCLRAugment:
         return (out - mean) / std
 
 
-def had_loss(teacher_heads, student_heads, prefix: int, teacher_maps=None) -> torch.Tensor:
+def had_loss(teacher_heads, student_heads, prefix, teacher_maps=None, cls=None) -> torch.Tensor:
     """1 - mean SSIM (no luminance term, stats over tokens per channel) over layers and heads.
 
+    prefix: the leading non-spatial tokens to drop, one count for all layers or one per layer (the
+    family's QueryLayout); window attention's rows are windows, its statistics over a window's tokens.
     teacher_maps (the teacher's attention maps, per layer): weigh each token by the attention the
     CLS token pays it (head-averaged; without a CLS token, the attention it receives on average),
-    so the teacher's most attended tokens count most (MaskAQ's token weighting)."""
+    so the teacher's most attended tokens count most (MaskAQ's token weighting). cls: whether token 0
+    is a CLS token (default: there are prefix tokens), one for all layers or one per layer."""
+    n = len(teacher_heads)
+    prefixes = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * n
+    clss = list(cls) if isinstance(cls, (list, tuple)) else [cls] * n
     sims = []
     for i, (t, s) in enumerate(zip(teacher_heads, student_heads)):
-        weights = None
+        weights, p = None, prefixes[i]
         if teacher_maps is not None:
-            w = token_importance(teacher_maps[i], prefix)                # (B, P)
+            w = token_importance(teacher_maps[i], p, clss[i])          # (B, P)
             weights = (w / w.sum(1, keepdim=True)).view(w.shape[0], 1, -1, 1)
-        sims.append(global_ssim(t[:, :, prefix:].detach(), s[:, :, prefix:], dim=2, luminance=False,
+        sims.append(global_ssim(t[:, :, p:].detach(), s[:, :, p:], dim=2, luminance=False,
                                 weights=weights).mean())
     return 1 - torch.stack(sims).mean()
 
@@ -183,7 +190,7 @@ def _resume(state_path: Path, signature: dict, objects: dict) -> tuple[int, list
     return state["epoch"], state["history"], state["seconds"]
 
 
-def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: FinetuneRecipe, augment, prefix: int,
+def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: FinetuneRecipe, augment, layouts: list,
                  device, bar) -> dict:
     """One pass over the loader: KL (+ gamma * L_HAD) steps; returns the summed losses."""
     sums = {"loss": 0.0, "kl": 0.0, "had": 0.0}
@@ -198,7 +205,8 @@ def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: 
         kl = kd_loss(s_logits, t_logits, recipe.temperature)
         loss = kl
         if recipe.had:
-            had = had_loss(t_rec.outputs, s_rec.outputs, prefix, t_rec.maps if recipe.had_token_weight else None)
+            had = had_loss(t_rec.outputs, s_rec.outputs, [l.prefix for l in layouts],
+                           t_rec.maps if recipe.had_token_weight else None, [l.cls for l in layouts])
             loss = loss + recipe.gamma * had
             sums["had"] += had.item()
         opt.zero_grad(set_to_none=True)
@@ -278,7 +286,7 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             bar = tqdm(loader, desc=f"finetune {cfg.name} epoch {epoch + 1}/{recipe.epochs}", unit="batch",
                        disable=not progress or rank != 0)
             sums = _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe, augment,
-                                teacher.num_prefix_tokens, device, bar)
+                                family_of(teacher).layouts(teacher), device, bar)
             t_rec.remove(), s_rec.remove()
             sched.step()
             seconds += time.time() - t0

@@ -26,7 +26,7 @@ from .run_dir import RunDir
 from .synthesize import SynthesisRecipe, is_complete, load_synthesis_recipe, load_synthetic, synthesize
 from .verify import verify
 
-PRESETS = {"fast": "fmnist-vit-fast.toml"}
+PRESETS = {"fast": {"fmnist-vit": "fmnist-vit-fast.toml", "fmnist-swin": "fmnist-swin-fast.toml"}}
 
 
 def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> Path | None:
@@ -36,9 +36,10 @@ def preset_recipe(preset: str | None, model_name: str, recipe: Path | None) -> P
         raise MimiqError("--preset and --recipe exclude each other: a preset is a recipe")
     if preset not in PRESETS:
         raise MimiqError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    if model_name != "fmnist-vit":
-        raise MimiqError(f"--preset {preset} is sized for the embedded fmnist-vit; pass --recipe for {model_name}")
-    return config_dir("calib") / PRESETS[preset]
+    if model_name not in PRESETS[preset]:
+        raise MimiqError(f"--preset {preset} is sized for the embedded {' and '.join(PRESETS[preset])}; "
+                         f"pass --recipe for {model_name}")
+    return config_dir("calib") / PRESETS[preset][model_name]
 
 
 def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:

@@ -21,6 +21,7 @@ from .config import dataclass_from, read_toml, with_defaults
 from .distributed import barrier, device_for_rank, init_from_env
 from .errors import MimiqError
 from .evaluate import top1_correct
+from .families import family_of
 from .io import atomic_torch_save, atomic_write_json, load_torch_file, read_json
 from .run_dir import SYNTH_DIR, RunDir  # noqa: F401
 from .similarity import head_pair_ssim
@@ -82,9 +83,29 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def ihc_similarity(recorder: AttentionRecorder, model, window: int) -> torch.Tensor:
-    """(B, layers, pairs, P) inter-head SSIM of the last forward's attention."""
-    grid = tuple(model.patch_embed.grid_size)
-    return torch.stack([head_pair_ssim(l, grid, model.num_prefix_tokens, window) for l in recorder.logits], 1)
+    """Inter-head SSIM of the last forward's attention, per image: (B, layers, pairs, P) where every layer
+    has the same heads and queries (ViT); else (B, values), each layer's (pairs, windows * queries) flattened
+    (Swin: heads and windows change from stage to stage)."""
+    sims = []
+    for logits, layout in zip(recorder.logits, family_of(model).layouts(model)):
+        s = head_pair_ssim(logits, layout.grid, layout.prefix, window, layout.keys)
+        if layout.windows > 1:  # (B * W, pairs, N) -> (B, pairs, W * N)
+            s = s.view(-1, layout.windows, *s.shape[1:]).transpose(1, 2).flatten(2)
+        sims.append(s)
+    if all(s.shape == sims[0].shape for s in sims):
+        return torch.stack(sims, 1)
+    return torch.cat([s.flatten(1) for s in sims], 1)
+
+
+def check_family(model, recipe: SynthesisRecipe) -> None:
+    """Refuse the options the model's family has no meaning for (families/swin.py says why)."""
+    family = family_of(model)
+    if recipe.mask_align and not family.mask_align:
+        raise MimiqError(f"mask_align does not apply to {family.name} models (no token set shared by all layers): "
+                         "set it to 0")
+    if recipe.ihc and recipe.ihc_window > 1 and not family.gaussian_ihc:
+        raise MimiqError(f"ihc_window > 1 does not apply to {family.name} models (attention windows are no larger "
+                         "than the Gaussian window): use ihc_window = 0")
 
 
 def patch_similarity_entropy(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -153,15 +174,16 @@ def _mask_alignment(model, student, xa, recorder, student_recorder, recipe: Synt
     student_recorder.clear()
     student(xa)
     keep = recipe.keep_start + (recipe.keep_end - recipe.keep_start) * step / max(1, recipe.steps - 1)
+    layout = family_of(model).layouts(model)[0]  # one token set for all layers (families with mask_align)
     with torch.no_grad():
-        importance = torch.stack([token_importance(l.softmax(-1), model.num_prefix_tokens)
+        importance = torch.stack([token_importance(l.softmax(-1), layout.prefix, layout.cls)
                                   for l in recorder.logits]).mean(0)
     mask = informative_patches(importance, keep, recipe.keep_drop, gen)
-    return masked_attention_alignment(recorder.logits, student_recorder.logits, mask, model.num_prefix_tokens)
+    return masked_attention_alignment(recorder.logits, student_recorder.logits, mask, layout.prefix)
 
 
 def _generator_loss(model, x, xa, labels, recipe: SynthesisRecipe, recorder, last_tokens, losses: dict,
-                    student=None, student_recorder=None, step: int = 0, gen=None) -> torch.Tensor:
+                    student=None, student_recorder=None, step: int = 0, gen=None, token_prefix: int = 0) -> torch.Tensor:
     """L_G = alpha*CE + beta*TV (+ L_IHC, - entropy bonus, + masked alignment) of one step; fills `losses`."""
     recorder.clear()
     last_tokens.clear()
@@ -174,7 +196,7 @@ def _generator_loss(model, x, xa, labels, recipe: SynthesisRecipe, recorder, las
         loss = loss + ihc
         losses["ihc"] = ihc.item()
     if recipe.patch_entropy:
-        entropy = patch_similarity_entropy(last_tokens[-1], model.num_prefix_tokens).mean()
+        entropy = patch_similarity_entropy(last_tokens[-1], token_prefix).mean()
         loss = loss - recipe.patch_entropy * entropy
         losses["entropy"] = entropy.item()
     if recipe.mask_align:
@@ -191,6 +213,7 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
 
     student: the fake-quant student for masked attention alignment (recipe.mask_align > 0).
     on_step(losses) is called after every optimization step (progress display)."""
+    check_family(model, recipe)
     gen, labels, x = _start_images(model, recipe, data_cfg, shard, device)
     losses = {}
     if recipe.noise_only or recipe.steps == 0:
@@ -204,16 +227,15 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.steps, eta_min=recipe.lr_min)
     recorder = AttentionRecorder(model)
     student_recorder = AttentionRecorder(student) if recipe.mask_align else None
-    last_tokens = []
+    last_tokens, token_prefix = [], 0
     if recipe.patch_entropy:
-        if not hasattr(model, "blocks"):
-            raise MimiqError("patch_entropy needs a ViT with `blocks` (timm VisionTransformer)")
-        recorder.handles.append(model.blocks[-1].register_forward_hook(lambda _m, _i, out: last_tokens.append(out)))
+        block, to_tokens, token_prefix = family_of(model).tokens(model)
+        recorder.handles.append(block.register_forward_hook(lambda _m, _i, out: last_tokens.append(to_tokens(out))))
     try:
         for step in range(recipe.steps):
             xa = _augmented(x, recipe, gen)
             loss = _generator_loss(model, x, xa, labels, recipe, recorder, last_tokens, losses,
-                                   student, student_recorder, step, gen)
+                                   student, student_recorder, step, gen, token_prefix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -271,6 +293,7 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
 
     student (with student_tag, its description in the manifest): the fake-quant student that
     masked attention alignment needs; its parameters are left as they were."""
+    check_family(model, recipe)
     if recipe.mask_align and student is None:
         raise MimiqError("mask_align needs the quantized student in the loop: pass --align-student STUDENT.pt "
                          "(a PTQ student: `mimiq-deploy finetune --epochs 0`)")

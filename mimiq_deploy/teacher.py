@@ -1,4 +1,4 @@
-"""`mimiq-deploy teacher train`: the embedded default teacher, trained on Fashion-MNIST."""
+"""`mimiq-deploy teacher train`: the embedded teachers (fmnist-vit, fmnist-swin), trained on Fashion-MNIST."""
 import copy
 import dataclasses
 import math
@@ -14,7 +14,7 @@ from .data import load_fmnist, normalize_uint8
 from .errors import MimiqError
 from .evaluate import accuracy
 from .io import atomic_torch_save, load_torch_file, restore_resume_state, save_resume_state
-from .zoo import DEFAULT_MODEL, EMBEDDED, FMNIST_MEAN, FMNIST_STD, FMNIST_VIT_ARCH, build_fmnist_vit, fmnist_pretrained_cfg
+from .zoo import EMBEDDED, FMNIST_MEAN, FMNIST_STD, FMNIST_VIT_ARCH, build_teacher, embedded_name, fmnist_pretrained_cfg
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None
     """
     torch.manual_seed(recipe.seed)
     x_train, y_train, x_val, y_val = _split(recipe, data_dir)
-    model = build_fmnist_vit(recipe.arch)
+    model = build_teacher(recipe.arch)
     opt, sched = _optimizer(model, recipe, math.ceil(len(x_train) / recipe.batch_size))
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     history, start_epoch, train_seconds = [], 0, 0.0
@@ -126,14 +126,15 @@ def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None
     metrics = {"val_top1": history[-1]["val_top1"] if history else None, "test_top1": test,
                "train_minutes": train_seconds / 60, "params": sum(p.numel() for p in model.parameters()),
                "history": history}
-    atomic_torch_save({"arch": copy.deepcopy(recipe.arch), "pretrained_cfg": fmnist_pretrained_cfg(),
+    atomic_torch_save({"arch": copy.deepcopy(recipe.arch), "pretrained_cfg": fmnist_pretrained_cfg(embedded_name(recipe.arch)),
                        "model": model.state_dict(), "recipe": dataclasses.asdict(recipe), "metrics": metrics}, out)
     resume_path.unlink(missing_ok=True)
     return metrics
 
 
-def default_teacher_path() -> Path:
-    return EMBEDDED[DEFAULT_MODEL]
+def default_teacher_path(arch: dict | None = None) -> Path:
+    """The embedded weights file of the recipe's family (fmnist-vit's without one)."""
+    return EMBEDDED[embedded_name(arch or {})]
 
 
 def check_out_path(out: Path) -> Path:

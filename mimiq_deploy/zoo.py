@@ -3,9 +3,9 @@
 The embedded default `fmnist-vit` is a timm model like any other: registered with
 `@register_model` (timm name `fmnist_vit`) and a default_cfg naming the committed weights, so
 loading it is one `timm.create_model("fmnist_vit", pretrained=True)`. Other families are timm's
-own ViT / DeiT models, with weights from a checkpoint or timm's local cache. Never downloads.
-A new model family: a builder + `@register_model` entrypoint here, and its attention blocks known
-to attention.capture_attention.
+own ViT / DeiT / Swin models, with weights from a checkpoint or timm's local cache. Never downloads.
+The second embedded model, `fmnist-swin` (timm name `fmnist_swin`), is a timm SwinTransformer loaded the same way.
+What the method needs of each architecture lives in families/ (one module per family).
 """
 import os
 from pathlib import Path
@@ -17,40 +17,48 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from timm.data import resolve_data_config
 from timm.models import register_model
-from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .attention import capture_attention
+from .families import family_of
 from .data import FMNIST_CLASSES
 from .errors import MimiqError
 from .io import load_torch_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fmnist-vit"
-EMBEDDED = {DEFAULT_MODEL: WEIGHTS_DIR / "fmnist_vit.pt"}
-TIMM_NAME = {DEFAULT_MODEL: "fmnist_vit"}  # timm entrypoint names cannot hold a '-'
+FMNIST_SWIN = "fmnist-swin"
+EMBEDDED = {DEFAULT_MODEL: WEIGHTS_DIR / "fmnist_vit.pt", FMNIST_SWIN: WEIGHTS_DIR / "fmnist_swin.pt"}
+TIMM_NAME = {DEFAULT_MODEL: "fmnist_vit", FMNIST_SWIN: "fmnist_swin"}  # timm entrypoint names cannot hold a '-'
 
 # Fashion-MNIST training-set statistics; they travel with the model as pretrained_cfg.
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 FMNIST_VIT_ARCH = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
                        num_heads=4, mlp_ratio=2.0, stem="conv")
+# 28x28 -> a 14x14 patch grid: stage 1 has 4 windows of 7x7 (every second block shifted), stage 2 one 7x7
+# window, stage 3 one 4x4 window (timm shrinks a window to the grid and drops the shift there)
+FMNIST_SWIN_ARCH = dict(family="swin", img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=48,
+                        depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=7, mlp_ratio=2.0, drop_path_rate=0.05,
+                        stem="conv")
 
 
-def fmnist_pretrained_cfg() -> dict:
-    """The preprocessing of every fmnist-vit teacher, as `teacher train` writes it into its checkpoint."""
+def fmnist_pretrained_cfg(name: str = DEFAULT_MODEL) -> dict:
+    """The preprocessing of every Fashion-MNIST teacher, as `teacher train` writes it into its checkpoint."""
     return {"input_size": (1, 28, 28), "mean": FMNIST_MEAN, "std": FMNIST_STD, "num_classes": 10,
             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-            "label_names": FMNIST_CLASSES, "architecture": DEFAULT_MODEL}
+            "label_names": FMNIST_CLASSES, "architecture": name}
 
 
 # timm's pretrained-cfg table of this module, read by @register_model
-default_cfgs = {"fmnist_vit": {**fmnist_pretrained_cfg(), "file": str(EMBEDDED[DEFAULT_MODEL])}}
+default_cfgs = {TIMM_NAME[n]: {**fmnist_pretrained_cfg(n), "file": str(EMBEDDED[n])} for n in EMBEDDED}
 
 
 def build_fmnist_vit(arch: dict) -> VisionTransformer:
     """The embedded default's architecture: a timm VisionTransformer, optionally with a small
     convolutional patch stem (3x3 convs, two of stride 2, instead of one 4x4 patchify conv)."""
     arch = dict(arch)
+    arch.pop("family", None)
     stem = arch.pop("stem", "patchify")
     model = VisionTransformer(**arch)
     dim, in_chans = arch["embed_dim"], arch.get("in_chans", 3)
@@ -66,6 +74,32 @@ def build_fmnist_vit(arch: dict) -> VisionTransformer:
     elif stem != "patchify":
         raise MimiqError(f"unknown stem {stem!r} (use 'patchify', 'conv' or 'conv3')")
     return model
+
+
+def build_fmnist_swin(arch: dict) -> SwinTransformer:
+    """A timm SwinTransformer; stem "conv": a full-resolution 3x3 conv before the patchify conv (local
+    features before any downsampling, as fmnist-vit's stem; 28x28 images have few pixels per patch)."""
+    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k != "family"}
+    stem = arch.pop("stem", "patchify")
+    model = SwinTransformer(**arch)
+    dim, in_chans, patch = model.embed_dim, arch.get("in_chans", 3), model.patch_embed.patch_size
+    if stem == "conv":
+        model.patch_embed.proj = nn.Sequential(nn.Conv2d(in_chans, dim // 2, 3, stride=1, padding=1), nn.GELU(),
+                                               nn.Conv2d(dim // 2, dim, patch, stride=patch))
+    elif stem != "patchify":
+        raise MimiqError(f"unknown stem {stem!r} for a Swin teacher (use 'patchify' or 'conv')")
+    return model
+
+
+TEACHER_BUILDERS = {"vit": build_fmnist_vit, "swin": build_fmnist_swin}
+
+
+def build_teacher(arch: dict) -> nn.Module:
+    """The model a `teacher train` recipe's [arch] describes; its `family` key picks the builder (default vit)."""
+    family = arch.get("family", "vit")
+    if family not in TEACHER_BUILDERS:
+        raise MimiqError(f"unknown teacher family {family!r} in [arch] (use {', '.join(TEACHER_BUILDERS)})")
+    return TEACHER_BUILDERS[family](arch)
 
 
 def read_checkpoint(path: Path, trust: bool = False, what: str = "checkpoint") -> dict:
@@ -114,39 +148,56 @@ def is_teacher_checkpoint(ckpt: dict) -> bool:
     return isinstance(ckpt.get("arch"), dict) and isinstance(ckpt.get("pretrained_cfg"), dict) and "model" in ckpt
 
 
+def embedded_name(arch: dict) -> str:
+    """The embedded model whose family a teacher architecture belongs to (its --model name)."""
+    return FMNIST_SWIN if arch.get("family") == "swin" else DEFAULT_MODEL
+
+
 def teacher_from_checkpoint(ckpt: dict, what: str, name: str) -> nn.Module:
-    """The fmnist-vit family at whatever width, depth, heads or stem the training recipe chose."""
+    """A Fashion-MNIST teacher at whatever family, width, depth, heads or stem the training recipe chose."""
     try:
-        model = build_fmnist_vit(ckpt["arch"])
-    except TypeError as e:  # an arch key VisionTransformer does not know
+        model = build_teacher(ckpt["arch"])
+    except TypeError as e:  # an arch key the timm model does not know
         raise MimiqError(f"{what} has an architecture this version cannot build: {e}") from None
     _load_into(model, ckpt["model"], what, name)
     model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
     return model
 
 
-@register_model
-def fmnist_vit(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, trust: bool = False,
-               **kwargs) -> VisionTransformer:
-    """timm entrypoint of the embedded default. pretrained: the weights of the cfg's `file` (the embedded
+def _fmnist_entry(name: str, default_arch: dict, pretrained: bool, overlay, trust: bool, kwargs: dict) -> nn.Module:
+    """timm entrypoint of an embedded default. pretrained: the weights of the cfg's `file` (the embedded
     ones, or any `teacher train` checkpoint given as pretrained_cfg_overlay={"file": ...}), with the
     architecture and preprocessing the file carries; else a fresh model of the default architecture."""
     if not pretrained:
-        model = build_fmnist_vit({**FMNIST_VIT_ARCH, **kwargs})
-        model.pretrained_cfg = fmnist_pretrained_cfg()
+        model = build_teacher({**default_arch, **kwargs})
+        model.pretrained_cfg = fmnist_pretrained_cfg(name)
         return model
-    overlay = dict(pretrained_cfg_overlay or {})
+    overlay = dict(overlay or {})
     if "file" not in overlay:  # the embedded weights
-        path = Path(default_cfgs["fmnist_vit"]["file"])
+        path = Path(default_cfgs[TIMM_NAME[name]]["file"])
         if not path.exists():
             raise MimiqError(f"embedded weights missing at {path}: run `mimiq-deploy teacher train`")
-        return teacher_from_checkpoint(read_checkpoint(path), f"embedded weights {path}", DEFAULT_MODEL)
+        return teacher_from_checkpoint(read_checkpoint(path), f"embedded weights {path}", name)
     path = overlay["file"]
     ckpt = read_checkpoint(Path(path), trust)
     if not is_teacher_checkpoint(ckpt):
         raise MimiqError(f"{path} is not a `mimiq-deploy teacher train` checkpoint (no architecture in it): "
-                         f"{DEFAULT_MODEL} takes only those; for timm weights pass a timm model name with --checkpoint")
-    return teacher_from_checkpoint(ckpt, f"teacher checkpoint {path}", DEFAULT_MODEL)
+                         f"{name} takes only those; for timm weights pass a timm model name with --checkpoint")
+    return teacher_from_checkpoint(ckpt, f"teacher checkpoint {path}", name)
+
+
+@register_model
+def fmnist_vit(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, trust: bool = False,
+               **kwargs) -> nn.Module:
+    """timm entrypoint of the embedded default ViT (see _fmnist_entry)."""
+    return _fmnist_entry(DEFAULT_MODEL, FMNIST_VIT_ARCH, pretrained, pretrained_cfg_overlay, trust, kwargs)
+
+
+@register_model
+def fmnist_swin(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, trust: bool = False,
+                **kwargs) -> nn.Module:
+    """timm entrypoint of the embedded Swin (see _fmnist_entry)."""
+    return _fmnist_entry(FMNIST_SWIN, FMNIST_SWIN_ARCH, pretrained, pretrained_cfg_overlay, trust, kwargs)
 
 
 def _cached_weights(name: str) -> str | None:
@@ -208,10 +259,9 @@ def load_teacher(name: str, checkpoint: str | Path | None = None, capture: bool 
         model = timm.create_model(TIMM_NAME[name], pretrained=True, pretrained_cfg_overlay=overlay, trust=trust)
     else:
         model = _timm_teacher(name, checkpoint, trust)
-    if not any(isinstance(m, TimmAttention) for m in model.modules()):
-        raise MimiqError(f"{name!r} has no timm ViT Attention blocks: supported are ViT / DeiT models")
+    family = family_of(model)  # a one-line error for a model of no known family
     if capture:
-        capture_attention(model)
+        family.capture(model)
     return model.eval()
 
 

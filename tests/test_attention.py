@@ -2,7 +2,9 @@
 import timm
 import torch
 
-from mimiq_deploy.attention import ExplicitAttention, attention_modules, capture_attention
+from mimiq_deploy.attention import attention_modules
+from mimiq_deploy.families import capture_attention
+from mimiq_deploy.families.vit import ExplicitAttention
 from mimiq_deploy.models import load_model
 
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from onnx import TensorProto, numpy_helper
 
-from mimiq_deploy.attention import capture_attention
+from mimiq_deploy.families import capture_attention
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.export import QDQ_ONNX, TRT_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import build_student

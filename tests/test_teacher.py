@@ -11,11 +11,12 @@ from mimiq_deploy.models import load_model
 from mimiq_deploy.teacher import TeacherRecipe, train_teacher
 
 
-def test_embedded_teacher_accuracy(cli):
-    result = cli("eval", "--model", "fmnist-vit", "--json")
+@pytest.mark.parametrize("name", ["fmnist-vit", "fmnist-swin"])
+def test_embedded_teacher_accuracy(cli, name):
+    result = cli("eval", "--model", name, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["model"] == "fmnist-vit" and report["dataset"] == "fashion-mnist-test"
+    assert report["model"] == name and report["dataset"] == "fashion-mnist-test"
     assert report["n"] == 10000
     assert report["top1"] >= 89.0
 
@@ -25,6 +26,17 @@ def test_embedded_teacher_shape():
     assert model.pretrained_cfg["input_size"] == (1, 28, 28)
     assert len(model.blocks) >= 4 and model.blocks[0].attn.num_heads >= 3
     assert model.patch_embed.grid_size[0] * model.patch_embed.grid_size[1] >= 49
+
+
+def test_embedded_swin_shape():
+    from mimiq_deploy.families import family_of
+    from mimiq_deploy.zoo import EMBEDDED
+
+    model = load_model("fmnist-swin")
+    assert model.pretrained_cfg["input_size"] == (1, 28, 28) and model.pretrained_cfg["architecture"] == "fmnist-swin"
+    assert family_of(model).name == "swin" and len(model.layers) == 3
+    assert any(l.keys is not None for l in family_of(model).layouts(model))  # shifted windows
+    assert EMBEDDED["fmnist-swin"].stat().st_size <= 10 * 2 ** 20
 
 
 def _write_idx(path, array):
@@ -116,3 +128,33 @@ def test_a_trained_teacher_of_another_architecture_runs_through_every_verb(tmp_p
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     r = cli("eval", "--model", "fmnist-vit", "--checkpoint", tmp_path / "plain.pt", "--data-dir", data)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "teacher train" in r.stderr
+
+
+def test_a_trained_swin_teacher_runs_through_every_verb(tmp_path, cli):
+    """A `teacher train` recipe of the Swin family: its checkpoint names fmnist-swin and every verb loads it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_fmnist(data)
+    recipe = tmp_path / "teacher.toml"
+    recipe.write_text("epochs = 1\nbatch_size = 32\nval_size = 32\n[arch]\nfamily = \"swin\"\nimg_size = 28\n"
+                      "patch_size = 4\nin_chans = 1\nnum_classes = 10\nembed_dim = 16\ndepths = [2, 1]\n"
+                      "num_heads = [2, 4]\nwindow_size = 4\nmlp_ratio = 2.0\n")
+    ckpt = tmp_path / "my-swin.pt"
+    r = cli("teacher", "train", "--recipe", recipe, "--out", ckpt, "--data-dir", data)
+    assert r.returncode == 0, r.stderr
+    assert f"--model fmnist-swin --checkpoint {ckpt}" in r.stdout
+    model = load_model("fmnist-swin", ckpt)
+    assert model.embed_dim == 16 and [len(l.blocks) for l in model.layers] == [2, 1]
+    assert model.layers[0].blocks[1].shift_size == (2, 2)  # a 7x7 grid of 4x4 windows, padded: shifted
+
+    run = tmp_path / "run"
+    r = cli("synthesize", "--model", ckpt, "--out", run, "--num-images", 8, "--batch-size", 8, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    r = cli("finetune", "--model", ckpt, "--data", run, "--bits", "w8a8", "--epochs", 1, "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    r = cli("export", run)
+    assert r.returncode == 0, r.stderr
+    student = cli("eval", "--model", run / "student.pt", "--data-dir", data, "--json")
+    teacher = cli("eval", "--model", "fmnist-swin", "--checkpoint", ckpt, "--data-dir", data, "--json")
+    assert student.returncode == 0 and teacher.returncode == 0, student.stderr + teacher.stderr
+    assert json.loads(student.stdout)["n"] == json.loads(teacher.stdout)["n"] == 32

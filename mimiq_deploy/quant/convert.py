@@ -59,9 +59,10 @@ def register_quant_module(float_type: type, convert) -> None:
     QUANT_MODULES[float_type] = convert
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Replace the registered module types of `model` (Linear, Conv2d, MatMul) in place by fake-quant twins."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES]
+def quantize_model(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> nn.Module:
+    """Replace the registered module types of `model` (Linear, Conv2d, MatMul) in place by fake-quant twins.
+    names: only these modules (a model family's choice, families/base.py `quantized`); default all."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_MODULES and (names is None or n in names)]
     for i, (name, module) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

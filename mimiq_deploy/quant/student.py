@@ -4,10 +4,11 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import MimiqError
+from ..families import family_of
 from ..io import atomic_torch_save, load_torch_file
 from ..zoo import load_teacher
 from .config import QuantConfig, parse_bits
-from .convert import calibrate, quantize_model
+from .convert import QUANT_MODULES, calibrate, quantize_model
 
 STUDENT_FORMAT = "mimiq-student-v1"
 
@@ -16,7 +17,8 @@ def build_student(teacher, cfg: QuantConfig):
     """A deep copy of the teacher with fake quantizers (weights' step sizes initialized), all of it trainable.
 
     The copy must not inherit the frozen teacher's requires_grad=False: that trained only the step sizes."""
-    student = quantize_model(copy.deepcopy(teacher), cfg)
+    student = copy.deepcopy(teacher)
+    student = quantize_model(student, cfg, family_of(student).quantized(student, QUANT_MODULES))
     for p in student.parameters():
         p.requires_grad_(True)
     return student
