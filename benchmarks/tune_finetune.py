@@ -24,7 +24,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Run directory holding the synthetic set.")
     ap.add_argument("--bits", default="w4a4")
-    ap.add_argument("--model", default=args.model, choices=[args.model, "fmnist-swin"])
+    ap.add_argument("--model", default="fmnist-vit", choices=["fmnist-vit", "fmnist-swin"])
     ap.add_argument("--recipe", default=None, help="default: calib/<model>-fast.toml")
     ap.add_argument("--out", default="runs/tune")
     ap.add_argument("--signed-probs", action="store_true",

@@ -43,7 +43,7 @@ def set_statistics(teacher, images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=args.model, choices=[args.model, "fmnist-swin"])
+    ap.add_argument("--model", default="fmnist-vit", choices=["fmnist-vit", "fmnist-swin"])
     ap.add_argument("--recipe", default=None, help="default: calib/<model>-fast.toml")
     ap.add_argument("--bits", default="w3a3")
     ap.add_argument("--seeds", default="0")
