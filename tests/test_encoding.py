@@ -98,7 +98,9 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
         built = build(tmp_path, progress=lambda m: None)
         assert built["ort_encoding"]["encoding"] == encoding and built["ort_encoding"]["reason"]
         # int8 hosts: the one activation quantizer shared by q, k, v is stored as uint8 / 128 (ORT's u8s8 form)
-        assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4", "uint8"}
+        # A4: the attention probabilities are UINT4 (unsigned grid), the other activations INT4
+        assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4", "uint8", "uint4"}
+        assert ("uint4" in built["ort_encoding"]["stored"]) == (bits == "w4a4")
         main = built["artifacts"][f"ort-cpu-{bits}"]
         assert main["path"].endswith(f"model_qdq.{encoding}.onnx")
         if bits != "w4a4":  # W4A8 runs on the integer kernels of W8A8
