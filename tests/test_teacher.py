@@ -90,19 +90,26 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_trained_teacher_of_another_architecture_runs_through_every_verb(tmp_path, cli):
-    """`teacher train` writes a checkpoint that carries its architecture: every verb loads it."""
+def _train_tiny_teacher(tmp_path, cli, arch: str):
+    """One epoch of `teacher train` on a tiny Fashion-MNIST with the given [arch] table:
+    (data dir, checkpoint, the command's stdout)."""
     data = tmp_path / "data"
     data.mkdir()
     _tiny_fmnist(data)
     recipe = tmp_path / "teacher.toml"
-    recipe.write_text("epochs = 1\nbatch_size = 32\nval_size = 32\n[arch]\nimg_size = 28\npatch_size = 7\n"
-                      "in_chans = 1\nnum_classes = 10\nembed_dim = 32\ndepth = 2\nnum_heads = 2\nmlp_ratio = 2.0\n"
-                      'stem = "patchify"\n')
+    recipe.write_text("epochs = 1\nbatch_size = 32\nval_size = 32\n[arch]\n" + arch)
     ckpt = tmp_path / "my-teacher.pt"
     r = cli("teacher", "train", "--recipe", recipe, "--out", ckpt, "--data-dir", data)
     assert r.returncode == 0, r.stderr
-    assert f"--model fmnist-vit --checkpoint {ckpt}" in r.stdout
+    return data, ckpt, r.stdout
+
+
+def test_a_trained_teacher_of_another_architecture_runs_through_every_verb(tmp_path, cli):
+    """`teacher train` writes a checkpoint that carries its architecture: every verb loads it."""
+    data, ckpt, stdout = _train_tiny_teacher(
+        tmp_path, cli, "img_size = 28\npatch_size = 7\nin_chans = 1\nnum_classes = 10\nembed_dim = 32\ndepth = 2\n"
+                       'num_heads = 2\nmlp_ratio = 2.0\nstem = "patchify"\n')
+    assert f"--model fmnist-vit --checkpoint {ckpt}" in stdout
 
     by_flag = cli("eval", "--model", "fmnist-vit", "--checkpoint", ckpt, "--data-dir", data, "--json")
     by_path = cli("eval", "--model", ckpt, "--data-dir", data, "--json")
@@ -132,17 +139,10 @@ def test_a_trained_teacher_of_another_architecture_runs_through_every_verb(tmp_p
 
 def test_a_trained_swin_teacher_runs_through_every_verb(tmp_path, cli):
     """A `teacher train` recipe of the Swin family: its checkpoint names fmnist-swin and every verb loads it."""
-    data = tmp_path / "data"
-    data.mkdir()
-    _tiny_fmnist(data)
-    recipe = tmp_path / "teacher.toml"
-    recipe.write_text("epochs = 1\nbatch_size = 32\nval_size = 32\n[arch]\nfamily = \"swin\"\nimg_size = 28\n"
-                      "patch_size = 4\nin_chans = 1\nnum_classes = 10\nembed_dim = 16\ndepths = [2, 1]\n"
-                      "num_heads = [2, 4]\nwindow_size = 4\nmlp_ratio = 2.0\n")
-    ckpt = tmp_path / "my-swin.pt"
-    r = cli("teacher", "train", "--recipe", recipe, "--out", ckpt, "--data-dir", data)
-    assert r.returncode == 0, r.stderr
-    assert f"--model fmnist-swin --checkpoint {ckpt}" in r.stdout
+    data, ckpt, stdout = _train_tiny_teacher(
+        tmp_path, cli, 'family = "swin"\nimg_size = 28\npatch_size = 4\nin_chans = 1\nnum_classes = 10\n'
+                       "embed_dim = 16\ndepths = [2, 1]\nnum_heads = [2, 4]\nwindow_size = 4\nmlp_ratio = 2.0\n")
+    assert f"--model fmnist-swin --checkpoint {ckpt}" in stdout
     model = load_model("fmnist-swin", ckpt)
     assert model.embed_dim == 16 and [len(l.blocks) for l in model.layers] == [2, 1]
     assert model.layers[0].blocks[1].shift_size == (2, 2)  # a 7x7 grid of 4x4 windows, padded: shifted
