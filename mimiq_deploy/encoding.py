@@ -9,6 +9,7 @@ zero point 128 hold exactly the same values; which one is exact *and* fast depen
 `reencode` rewrites a graph into either encoding, optionally widening INT4 weight codes into 8-bit
 containers (the same values) so that W4A8 runs on the same integer kernels as W8A8.
 """
+import math
 import os
 import platform
 
@@ -215,10 +216,64 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     return replace_nodes(model, nodes, added)
 
 
+def _power_of_two(v: float) -> bool:
+    mantissa, _ = math.frexp(v)
+    return v > 0 and mantissa == 0.5
+
+
+def fold_attention_scale(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The attention scale q * d^-0.5, where it is a power of two (head width 4, 16, 64, 256: every ViT-S/B and
+    DeiT), moves into the q projection: its weight step sizes and bias are scaled instead, which is exact (a power
+    of two commutes with float rounding). Without the float Mul between the projection and q's QuantizeLinear, ORT
+    moves that QuantizeLinear ahead of the head Reshape / Transpose, which then move bytes instead of floats.
+    Runs after split_qkv: DQ(w) -> MatMul -> Add(bias) -> Reshape -> Transpose -> Mul(scale)."""
+    inits, consts = initializers(model), constants(model)
+    producer, users = producers(model), consumers(model)
+    drop, added, rename = set(), [], {}
+    for mul in (n for n in model.graph.node if n.op_type == "Mul"):
+        scale_name = next((i for i in mul.input if i in consts), None)
+        chain, ok = [producer.get(next((i for i in mul.input if i != scale_name), ""))], True
+        for op in ("Transpose", "Reshape", "Add", "MatMul"):
+            node = chain[-1]
+            if node is None or node.op_type != op or len(users[node.output[0]]) != 1:
+                ok = False
+                break
+            chain.append(producer.get(node.input[0]) if op != "Add" else
+                         next((producer.get(i) for i in node.input if i not in inits), None))
+        if not ok or scale_name is None:
+            continue
+        factor = numpy_helper.to_array(consts[scale_name])
+        _, _, add, mm = chain[:4]
+        dq = producer.get(mm.input[1])
+        bias_name = next((i for i in add.input if i in inits), None)
+        if (factor.size != 1 or not _power_of_two(float(factor.reshape(-1)[0])) or bias_name is None or dq is None
+                or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits or len(users[dq.input[1]]) != 1
+                or len(users[bias_name]) != 1 or len(users[dq.output[0]]) != 1):
+            continue
+        f = np.float32(factor.reshape(-1)[0])
+        for name in (dq.input[1], bias_name):
+            added.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * f, name))
+        drop.add(id(mul))
+        rename[chain[0].output[0]] = mul.output[0]  # the Transpose now writes what the Mul wrote
+    if not drop:
+        return model
+    replaced = {t.name for t in added}
+    kept_inits = [t for t in model.graph.initializer if t.name not in replaced]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_inits)
+    nodes = [n for n in model.graph.node if id(n) not in drop]
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            node.output[i] = rename.get(name, name)
+    needed = {name for node in nodes for name in node.input}
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # the scale constants
+    return replace_nodes(model, nodes, added)
+
+
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
     """What `build` deploys on this host: the exported graph re-encoded, float-op weights folded, the fused qkv
-    projection split into q, k, v projections."""
-    return split_qkv(fold_float_weights(reencode(model, encoding, int4_weights_to_int8)))
+    projection split into q, k, v projections, a power-of-two attention scale folded into q's projection."""
+    return fold_attention_scale(split_qkv(fold_float_weights(reencode(model, encoding, int4_weights_to_int8))))
 
 
 def encoding_of(model: onnx.ModelProto) -> dict:

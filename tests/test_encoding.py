@@ -140,3 +140,37 @@ def test_bench_interleaves_and_profiles_by_op_type(teacher, calib_images, tmp_pa
     assert "integer matmul" not in profiles["ort-cpu-fp32"]["by_group"]
     assert profiles["ort-cpu-w4a16"]["by_op"]["MatMulNBits"] > 0
     assert "time by op type, ort-cpu-w4a8 batch 2" in format_bench(report)
+
+
+def test_power_of_two_attention_scale_folds_into_q_exactly(tmp_path):
+    """Head width 16: q * 0.25 moves into q's weight step sizes and bias; the built graph gives the same bits."""
+    import timm
+
+    from mimiq_deploy.encoding import fold_attention_scale, fold_float_weights, split_qkv
+    from mimiq_deploy.families import capture_attention
+
+    torch.manual_seed(0)
+    model = capture_attention(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                                embed_dim=64, depth=2, num_heads=4, num_classes=10)).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.bias.normal_()  # timm starts them at zero, which a wrong fold would not show
+    x = torch.randn(8, 3, 32, 32)
+    export_student(ptq_student(model, parse_bits("w8a8"), x), tmp_path, ExportConfig(), progress=lambda m: None)
+    unfolded = split_qkv(fold_float_weights(reencode(onnx.load(str(tmp_path / "export" / QDQ_ONNX)), "int8")))
+    folded = fold_attention_scale(split_qkv(fold_float_weights(reencode(onnx.load(str(tmp_path / "export" / QDQ_ONNX)),
+                                                                        "int8"))))
+    muls = [sum(n.op_type == "Mul" for n in g.graph.node) for g in (unfolded, folded)]
+    assert muls[0] - muls[1] == 2  # one per block
+    assert check_graph(folded, "onnxruntime") == []
+    # the q projection's per-channel step sizes and bias, a quarter of what they were
+    before = {t.name: numpy_helper.to_array(t) for t in unfolded.graph.initializer if "split0" in t.name}
+    after = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer if "split0" in t.name}
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert len(changed) == 4 and all(np.array_equal(after[k], before[k] * np.float32(0.25)) for k in changed)
+    for name, graph in (("unfolded", unfolded), ("folded", folded)):
+        onnx.save(graph, str(tmp_path / f"{name}.onnx"))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        np.testing.assert_array_equal(_run(tmp_path / "folded.onnx", x.numpy(), level),
+                                      _run(tmp_path / "unfolded.onnx", x.numpy(), level))
