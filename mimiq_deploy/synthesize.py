@@ -45,6 +45,7 @@ class SynthesisRecipe:
     color_shift: float = 0.1    # std of a per-image, per-channel offset (normalized units)
     noise: float = 0.05         # std of per-pixel noise added each step
     init_std: float = 1.0       # std of the starting Gaussian noise (normalized units)
+    init_grid: int = 0          # > 0: starting noise drawn on a grid this wide, upsampled (smooth blobs); 0: white
     patch_entropy: float = 0.0  # MaskAQ option: weight of the patch-similarity entropy bonus (0: off)
     mask_align: float = 0.0     # MaskAQ option: weight of masked attention alignment with a quantized student (0: off)
     keep_start: float = 0.5     # share of patches kept as informative at the first step ...
@@ -68,6 +69,8 @@ def load_synthesis_recipe(path: str | Path | None, overrides: dict) -> Synthesis
         raise MimiqError(f"--num-images and --batch-size must be positive (got {recipe.num_images}, {recipe.batch_size})")
     if recipe.steps < 0:
         raise MimiqError(f"--steps must be >= 0 (got {recipe.steps})")
+    if recipe.init_grid < 0:
+        raise MimiqError(f"init_grid must be >= 0 (0: white starting noise), got {recipe.init_grid}")
     if not (0 < recipe.keep_end <= 1 and 0 < recipe.keep_start <= 1 and 0 <= recipe.keep_drop < 1):
         raise MimiqError("keep_start and keep_end must lie in (0, 1], keep_drop in [0, 1)")
     return recipe
@@ -154,7 +157,12 @@ def _start_images(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, de
     n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
     shape = (n, *data_cfg["input_size"])
     labels = torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
-    x = (torch.randn(shape, generator=gen) * recipe.init_std).to(device)
+    if recipe.init_grid and not recipe.noise_only:  # low-frequency start: coarse noise upsampled, at init_std
+        coarse = torch.randn((n, shape[1], recipe.init_grid, recipe.init_grid), generator=gen)
+        x = F.interpolate(coarse, size=shape[2:], mode="bilinear", align_corners=False)
+        x = (x / x.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1) * recipe.init_std).to(device)
+    else:
+        x = (torch.randn(shape, generator=gen) * recipe.init_std).to(device)
     lo, hi = pixel_bounds(data_cfg, device)
     return gen, labels, torch.maximum(torch.minimum(x, hi), lo)
 

@@ -117,3 +117,21 @@ def test_runs_from_before_an_option_existed_still_resume(teacher, tmp_path):
     manifest_path(tmp_path).write_text(json.dumps(manifest))
     shard_path(tmp_path, 2).unlink()
     assert synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)["complete"]
+
+
+def test_low_frequency_start_is_smooth_and_noise_sets_stay_white(teacher, tmp_path):
+    def roughness(run):  # mean |neighbour difference| over the image's std: ~1.1 for white noise
+        x, _, _ = load_synthetic(run)
+        return ((x[..., 1:] - x[..., :-1]).abs().mean() / x.std()).item()
+
+    kw = dict(TINY, steps=0, jitter=0)
+    synthesize(teacher, "fmnist-vit", tmp_path / "white", SynthesisRecipe(**kw), progress=False)
+    synthesize(teacher, "fmnist-vit", tmp_path / "blobs", SynthesisRecipe(**kw, init_grid=7), progress=False)
+    synthesize(teacher, "fmnist-vit", tmp_path / "noise", SynthesisRecipe(**kw, init_grid=7, noise_only=True),
+               progress=False)
+    assert roughness(tmp_path / "white") > 0.9 and roughness(tmp_path / "noise") > 0.9
+    assert roughness(tmp_path / "blobs") < 0.4
+    blobs, _, _ = load_synthetic(tmp_path / "blobs")
+    assert 0.5 < blobs.std() < 1.5  # the recipe's init_std, before clamping to the pixel range
+    with pytest.raises(MimiqError, match="init_grid"):
+        load_synthesis_recipe(None, {"init_grid": -1})
