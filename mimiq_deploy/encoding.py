@@ -229,7 +229,7 @@ def fold_attention_scale(model: onnx.ModelProto) -> onnx.ModelProto:
     Runs after split_qkv: DQ(w) -> MatMul -> Add(bias) -> Reshape -> Transpose -> Mul(scale)."""
     inits, consts = initializers(model), constants(model)
     producer, users = producers(model), consumers(model)
-    drop, added, rename = set(), [], {}
+    drop, rename = set(), {}
     for mul in (n for n in model.graph.node if n.op_type == "Mul"):
         scale_name = next((i for i in mul.input if i in consts), None)
         chain, ok = [producer.get(next((i for i in mul.input if i != scale_name), ""))], True
@@ -251,23 +251,19 @@ def fold_attention_scale(model: onnx.ModelProto) -> onnx.ModelProto:
                 or len(users[bias_name]) != 1 or len(users[dq.output[0]]) != 1):
             continue
         f = np.float32(factor.reshape(-1)[0])
-        for name in (dq.input[1], bias_name):
-            added.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * f, name))
+        for name in (dq.input[1], bias_name):  # rewritten in place: each has this one reader (checked above)
+            inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * f, name))
         drop.add(id(mul))
         rename[chain[0].output[0]] = mul.output[0]  # the Transpose now writes what the Mul wrote
     if not drop:
         return model
-    replaced = {t.name for t in added}
-    kept_inits = [t for t in model.graph.initializer if t.name not in replaced]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_inits)
     nodes = [n for n in model.graph.node if id(n) not in drop]
     for node in nodes:
         for i, name in enumerate(node.output):
             node.output[i] = rename.get(name, name)
     needed = {name for node in nodes for name in node.input}
     nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # the scale constants
-    return replace_nodes(model, nodes, added)
+    return replace_nodes(model, nodes)
 
 
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:
