@@ -92,10 +92,11 @@ def openvino_sampler(path: Path, x: np.ndarray, threads: int):
 
 
 def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
-    """{label: onnx path}: FP32 twin, ORT's quantizers, this project's built artifacts."""
+    """{label: onnx path}: FP32 twin, ORT's quantizers, this project's built artifacts; the calibration set;
+    {label: standard-ONNX path} where the ORT graph holds ORT-only ops (what OpenVINO reads instead)."""
     teacher, images, calib = teacher_and_images(model)
     torch.manual_seed(0)
-    cands = {}
+    cands, portable = {}, {}
     for bits in bits_list:
         run = work / model / bits
         if not (run / "build.json").exists():
@@ -112,8 +113,11 @@ def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
                     and art.get("provider") == "CPUExecutionProvider":
                 if name.endswith("w4a16") and any(k.endswith("w4a16") for k in cands):
                     continue  # w4a8 and w4a4 students share one weight-only graph
-                cands[f"mimiq {name.removeprefix('ort-cpu-')} ({art['precision']})"] = Path(art["path"])
-    return cands, calib
+                label = f"mimiq {name.removeprefix('ort-cpu-')} ({art['precision']})"
+                cands[label] = Path(art["path"])
+                if "portable" in art:
+                    portable[label] = Path(art["portable"])
+    return cands, calib, portable
 
 
 def main():
@@ -160,7 +164,7 @@ def main():
              "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
     profiles = []
     for model in args.models.split(","):
-        cands, calib = candidates(model, args.work, args.bits.split(","))
+        cands, calib, portable = candidates(model, args.work, args.bits.split(","))
         shape = tuple(onnx.load(str(cands["FP32 twin"])).graph.input[0].type.tensor_type.shape.dim)[1:]
         shape = tuple(d.dim_value for d in shape)
         results, precisions = {}, {}
@@ -171,7 +175,8 @@ def main():
                 samplers[(label, "ONNX Runtime")] = ort_backend.sampler(ort_backend.load(path, threads=args.threads), x)
                 if openvino:
                     try:
-                        samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(path, x, args.threads)
+                        ov_path = portable.get(label, path)
+                        samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(ov_path, x, args.threads)
                     except Exception as e:  # an op OpenVINO does not import: say so in the table
                         results[(label, "OpenVINO", b)] = f"fails: {str(e).splitlines()[0][:80]}"
             print(f"{model} batch {b}: timing {len(samplers)} candidates", flush=True)

@@ -9,6 +9,7 @@ zero point 128 hold exactly the same values; which one is exact *and* fast depen
 `reencode` rewrites a graph into either encoding, optionally widening INT4 weight codes into 8-bit
 containers (the same values) so that W4A8 runs on the same integer kernels as W8A8.
 """
+import collections
 import math
 import os
 import platform
@@ -282,3 +283,59 @@ def encoding_of(model: onnx.ModelProto) -> dict:
             counts[name] = counts.get(name, 0) + 1
     return counts
 
+
+
+U8_ZERO_POINT = "mimiq_u8_zero_point_128"
+EIGHT_BIT = (TensorProto.INT8, TensorProto.UINT8)
+
+
+def fuse_integer_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """ONNX Runtime CPU only: Q(x) -> DQ -> MatMul(., DQ(w)) -> Add(bias) becomes one com.microsoft
+    MatMulIntegerToFloat(q(x), w codes, scales, zero points, bias). ORT fuses the QDQ form into that kernel by
+    itself, but without the bias: it adds the bias only in its dynamic-quantization pattern. Fused, the bias is
+    added in the kernel's output stage instead of by a separate float Add over the whole output (the same float
+    operations, in the same order). An int8 activation feeding such a node is stored as uint8 / zero point 128
+    (the same values): ORT moves int8 activations to its fast u8s8 kernels only inside its own QDQ fusions.
+    Returns the graph and the number of fused projections; the graph runs in ONNX Runtime only."""
+    inits, producer, users = initializers(model), producers(model), consumers(model)
+    fused, drop = {}, set()
+    for add in (n for n in model.graph.node if n.op_type == "Add"):
+        bias = next((i for i in add.input if i in inits and len(inits[i].dims) == 1), None)
+        mm = next((producer.get(i) for i in add.input if i != bias), None)
+        if bias is None or mm is None or mm.op_type != "MatMul" or len(users[mm.output[0]]) != 1:
+            continue
+        x_dq, w_dq = producer.get(mm.input[0]), producer.get(mm.input[1])
+        if (x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear"
+                or len(x_dq.input) < 3 or len(w_dq.input) < 3 or w_dq.input[0] not in inits
+                or inits[w_dq.input[0]].data_type not in EIGHT_BIT or x_dq.input[2] not in inits
+                or inits[x_dq.input[2]].data_type not in EIGHT_BIT or x_dq.input[1] not in inits
+                or len(inits[x_dq.input[1]].dims) != 0   # the kernel takes one activation scale
+                or next((a.i for a in w_dq.attribute if a.name == "axis"), 1) not in (1, -1)
+                or inits[bias].dims[0] != inits[w_dq.input[0]].dims[-1]
+                or len(users[x_dq.output[0]]) != 1 or len(users[w_dq.output[0]]) != 1):
+            continue
+        fused[id(add)] = helper.make_node(
+            "MatMulIntegerToFloat", [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2],
+                                     w_dq.input[2], bias], [add.output[0]], name=f"{mm.name}_bias", domain="com.microsoft")
+        drop.update({id(mm), id(x_dq), id(w_dq)})
+    if not fused:
+        return model, 0
+    nodes = [fused.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+    readers = collections.defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+    for q in (n for n in nodes if n.op_type == "QuantizeLinear" and len(n.input) > 2):
+        kinds = {r.op_type for r in readers[q.output[0]]}
+        if (inits[q.input[2]].data_type != TensorProto.INT8 or "MatMulIntegerToFloat" not in kinds
+                or not kinds <= {"MatMulIntegerToFloat", "DequantizeLinear"}):
+            continue
+        if numpy_helper.to_array(inits[q.input[2]]).any():
+            continue  # only the symmetric zero point 0 has a uint8 twin at 128
+        q.input[2] = U8_ZERO_POINT
+        for r in readers[q.output[0]]:   # each reader's zero point: 2 in DequantizeLinear, 4 in the fused node
+            r.input[4 if r.op_type == "MatMulIntegerToFloat" else 2] = U8_ZERO_POINT
+    model = replace_nodes(model, nodes, [numpy_helper.from_array(np.array(128, np.uint8), U8_ZERO_POINT)])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, len(fused)

@@ -8,7 +8,8 @@ from onnx import TensorProto, numpy_helper
 
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.data import fmnist_eval_dataset
-from mimiq_deploy.encoding import ENV_VNNI, choose_encoding, host_encoding, host_graph, reencode
+from mimiq_deploy.encoding import (ENV_VNNI, choose_encoding, fuse_integer_matmuls, host_encoding, host_graph,
+                                   reencode)
 from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.export import QDQ_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import ptq_student, save_student
@@ -81,6 +82,15 @@ def test_reencoded_graphs_hold_the_same_values(teacher, calib_images, bits, tmp_
         fused = _run(path, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         cos = (fused * exact).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(exact, axis=1))
         assert (fused.argmax(1) == exact.argmax(1)).all() and cos.min() > 0.999, cos.min()
+        # the CPU graph: each projection with its bias in one MatMulIntegerToFloat, where activations are 8-bit
+        cpu, count = fuse_integer_matmuls(host)
+        assert count == (0 if bits == "w4a4" else len(teacher.blocks) * 6)  # q, k, v, proj, fc1, fc2
+        assert [n.op_type for n in cpu.graph.node].count("MatMulIntegerToFloat") == count
+        if count:
+            path = tmp_path / f"{encoding}.cpu.onnx"
+            onnx.save(cpu, str(path))
+            # with ORT's fusions on, what its own QDQ fusions compute; the bias is only added in the kernel
+            np.testing.assert_allclose(_run(path, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), fused, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
@@ -102,7 +112,10 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
         assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4", "uint8", "uint4"}
         assert ("uint4" in built["ort_encoding"]["stored"]) == (bits == "w4a4")
         main = built["artifacts"][f"ort-cpu-{bits}"]
-        assert main["path"].endswith(f"model_qdq.{encoding}.onnx")
+        # A8: the CPU graph with the bias in MatMulIntegerToFloat; A4 has no such kernel: the standard graph
+        assert main["path"].endswith(f"model_qdq.{encoding}.onnx" if bits == "w4a4" else f"model_qdq.{encoding}.cpu.onnx")
+        assert built["artifacts"][f"ort-cpu-{bits}-unfused"]["path"].endswith(f"model_qdq.{encoding}.onnx")
+        assert main.get("portable", main["path"]).endswith(f"model_qdq.{encoding}.onnx")
         if bits != "w4a4":  # W4A8 runs on the integer kernels of W8A8
             kernels = main["integer_kernels"]
             assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) == 6 * 8  # every matmul

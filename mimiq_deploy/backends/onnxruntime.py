@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..encoding import choose_encoding, encoding_of, host_graph
+from ..encoding import choose_encoding, encoding_of, fuse_integer_matmuls, host_graph
 from ..errors import MimiqError
 from ..export import read_onnx, save_onnx
 from ..run_dir import FLOAT_ONNX, QDQ_ONNX, W4A16_ONNX, Artifact, RunDir
@@ -34,14 +34,23 @@ def host_graphs(run_dir: RunDir, bits: str, encoding: str) -> dict:
     """The exported QDQ graph re-encoded for this host: {artifact suffix: (path, precision)}.
 
     Main graph: 8-bit tensors in `encoding`, INT4 weight codes in 8-bit containers (the same values), so
-    that W4A8 runs on the integer kernels of W8A8. INT4 students also keep the packed-INT4 graph (smaller on
-    disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
+    that W4A8 runs on the integer kernels of W8A8; standard ONNX (the unfused reference, the CUDA provider,
+    the model repository, other runtimes). "cpu": the same graph with each projection and its bias in one
+    MatMulIntegerToFloat (ORT's CPU kernel), where any was fused. INT4 students also keep the packed-INT4
+    graph (smaller on disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
     out = {}
     model = read_onnx(run_dir.graph(QDQ_ONNX))
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     main = run_dir.graph(f"model_qdq.{encoding}.onnx")
-    save_onnx(host_graph(model, encoding, int4_weights_to_int8=True), main)
-    out[""] = (main, f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else ""))
+    host = host_graph(model, encoding, int4_weights_to_int8=True)
+    save_onnx(host, main)
+    precision = f"{bits} QDQ, {encoding}" + (", INT4 codes in 8-bit containers" if packed else "")
+    out[""] = (main, precision)
+    cpu_graph, fused = fuse_integer_matmuls(host)
+    if fused:
+        out["cpu"] = (run_dir.graph(f"model_qdq.{encoding}.cpu.onnx"), f"{precision}, {fused} projections with "
+                      "their bias in MatMulIntegerToFloat")
+        save_onnx(cpu_graph, out["cpu"][0])
     if packed:
         small = run_dir.graph(f"model_qdq_int4.{encoding}.onnx")
         save_onnx(host_graph(read_onnx(run_dir.graph(QDQ_ONNX)), encoding, int4_weights_to_int8=False), small)
@@ -67,14 +76,18 @@ class OnnxRuntimeBackend(Backend):
         ctx.progress(f"ONNX Runtime 8-bit encoding: {chosen} ({enc_why})")
         graphs = host_graphs(ctx.run_dir, bits, chosen)
         main_path = graphs[""][0]
+        cpu_main = graphs.pop("cpu", None)
         artifacts = {}
         for provider in self.providers():
             tag = "cpu" if provider == "CPUExecutionProvider" else "cuda"
             twin = f"ort-{tag}-fp32"
+            mine = {**graphs, "": cpu_main} if tag == "cpu" and cpu_main else graphs  # the contrib op is CPU-only
             todo = [(f"ort-{tag}-{bits}{suffix}" if suffix != "w4a16" else f"ort-{tag}-w4a16", path, precision,
-                     suffix == "w4a16") for suffix, (path, precision) in graphs.items()]
+                     suffix == "w4a16") for suffix, (path, precision) in mine.items()]
             for name, onnx_file, precision, weight_only in todo + [(twin, exp / FLOAT_ONNX, "fp32", False)]:
                 info = self.build(onnx_file, exp / f"{onnx_file.stem}.{tag}.opt.onnx", provider)
+                if cpu_main and onnx_file == cpu_main[0]:
+                    info["portable"] = str(main_path)  # the same model in standard ONNX, for other runtimes
                 quantized = precision != "fp32"
                 artifacts[name] = Artifact(self.name, str(onnx_file), precision, quantized, provider=provider,
                                            weight_only=weight_only, info=info,
