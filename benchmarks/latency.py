@@ -5,7 +5,8 @@ Per model (fmnist-vit, the embedded default; random-init deit_tiny / deit_small)
 - ONNX Runtime's own `quantize_static` QDQ output of the same float graph (QDQ format, per-channel
   weights, its default int8 types and MinMax calibration on the same images as our students);
 - ONNX Runtime's weight-only INT4 of the same float graph (`MatMulNBitsQuantizer`, block 32, symmetric);
-- this project's artifacts of `build` on this host (W8A8; W4A8 in 8-bit containers, packed INT4, w4a16),
+- this project's artifacts of `build` on this host (W8A8; W4A8 in 8-bit containers, packed INT4, w4a16; the
+  A8 graphs also as the standard-ONNX graph of the same build, without the bias fused into the integer matmul),
   from PTQ students (calibration only, finetune epochs 0): fmnist-vit on 64 training images,
   deit on 8 Gaussian-noise images;
 each in ONNX Runtime and in OpenVINO (when `openvino` is installed), all timed in one process in
@@ -115,8 +116,9 @@ def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
                     continue  # w4a8 and w4a4 students share one weight-only graph
                 label = f"mimiq {name.removeprefix('ort-cpu-')} ({art['precision']})"
                 cands[label] = Path(art["path"])
-                if "portable" in art:
+                if "portable" in art:  # also time the standard graph of the same build: what the bias fusion buys
                     portable[label] = Path(art["portable"])
+                    cands[f"mimiq {name.removeprefix('ort-cpu-')} standard ONNX (bias Add separate)"] = portable[label]
     return cands, calib, portable
 
 
@@ -173,7 +175,8 @@ def main():
             samplers = {}
             for label, path in cands.items():
                 samplers[(label, "ONNX Runtime")] = ort_backend.sampler(ort_backend.load(path, threads=args.threads), x)
-                if openvino:
+                already = label not in portable and path in portable.values()  # OpenVINO runs this graph already
+                if openvino and not already:
                     try:
                         ov_path = portable.get(label, path)
                         samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(ov_path, x, args.threads)

@@ -314,9 +314,9 @@ def fuse_integer_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 or inits[bias].dims[0] != inits[w_dq.input[0]].dims[-1]
                 or len(users[x_dq.output[0]]) != 1 or len(users[w_dq.output[0]]) != 1):
             continue
-        fused[id(add)] = helper.make_node(
-            "MatMulIntegerToFloat", [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2],
-                                     w_dq.input[2], bias], [add.output[0]], name=f"{mm.name}_bias", domain="com.microsoft")
+        inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1], x_dq.input[2], w_dq.input[2], bias]
+        fused[id(add)] = helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0]], name=f"{mm.name}_bias",
+                                          domain="com.microsoft")
         drop.update({id(mm), id(x_dq), id(w_dq)})
     if not fused:
         return model, 0
@@ -327,11 +327,11 @@ def fuse_integer_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             readers[name].append(node)
     for q in (n for n in nodes if n.op_type == "QuantizeLinear" and len(n.input) > 2):
         kinds = {r.op_type for r in readers[q.output[0]]}
-        if (inits[q.input[2]].data_type != TensorProto.INT8 or "MatMulIntegerToFloat" not in kinds
-                or not kinds <= {"MatMulIntegerToFloat", "DequantizeLinear"}):
+        if (q.input[2] not in inits or inits[q.input[2]].data_type != TensorProto.INT8
+                or "MatMulIntegerToFloat" not in kinds or not kinds <= {"MatMulIntegerToFloat", "DequantizeLinear"}
+                or any(len(r.input) < 3 for r in readers[q.output[0]])
+                or numpy_helper.to_array(inits[q.input[2]]).any()):  # only zero point 0 has a uint8 twin at 128
             continue
-        if numpy_helper.to_array(inits[q.input[2]]).any():
-            continue  # only the symmetric zero point 0 has a uint8 twin at 128
         q.input[2] = U8_ZERO_POINT
         for r in readers[q.output[0]]:   # each reader's zero point: 2 in DequantizeLinear, 4 in the fused node
             r.input[4 if r.op_type == "MatMulIntegerToFloat" else 2] = U8_ZERO_POINT
