@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from accuracy import ROWS, eval_split
+from mimiq_deploy.evaluate import top1_correct
 from mimiq_deploy.finetune import load_student
 from mimiq_deploy.models import load_model
 
 
-def logits(model, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+@torch.no_grad()
+def logits(model, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def mean_std(values: list) -> str:
@@ -39,7 +40,7 @@ def main():
     teacher = load_model(args.model).eval()
     x, y = eval_split(args.split, teacher.pretrained_cfg)
     t = logits(teacher, x)
-    print(f"teacher top-1 {(t.argmax(1) == y).float().mean().item() * 100:.2f} on {args.split} ({len(y)} images)\n")
+    print(f"teacher top-1 {100 * top1_correct(t, y) / len(y):.2f} on {args.split} ({len(y)} images)\n")
     print("| row | bits | top-1 | agreement with the teacher (%) | KL(teacher ‖ student) ×1e3 |")
     print("|---|---|---|---|---|")
     for row in args.rows.split(","):
@@ -51,8 +52,8 @@ def main():
                     raise SystemExit(f"error: expected one finished run *-s{seed}-{bits}-{row} in {args.out}, "
                                      f"found {len(runs)}")
                 s = logits(load_student(runs[0]).eval(), x)
-                top1.append((s.argmax(1) == y).float().mean().item() * 100)
-                agree.append((s.argmax(1) == t.argmax(1)).float().mean().item() * 100)
+                top1.append(100 * top1_correct(s, y) / len(y))
+                agree.append(100 * top1_correct(s, t.argmax(1)) / len(y))
                 kl.append(torch.nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), log_target=True,
                                                      reduction="batchmean").item() * 1e3)
             print(f"| {ROWS[int(row) - 1]} | {bits.upper()} | {mean_std(top1)} | {mean_std(agree)} | "
