@@ -46,6 +46,8 @@ ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base syn
 PATCH_ENTROPY = 1.0  # rows 8, 10, 11: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
 MASKAQ_SYNTHESIS = {"patch_entropy": PATCH_ENTROPY, "mask_align": 1.0}  # rows 10, 11 (alignment ~0.6 at W4A4 PTQ)
 MASKAQ_REFRESH = {"refresh_every": 4, "refresh_fraction": 0.5}  # row 11: half the set renewed after epoch 4 of 8
+# Scoring runs where synthesis and fine-tuning run: 10,000 test images take ~40 s per student on one CPU thread.
+EVAL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_overrides(spec: str) -> dict:
@@ -108,14 +110,14 @@ def main():
     args.recipe = args.recipe or f"calib/{args.model}-fast.toml"
     teacher = load_model(args.model)
     cfg = teacher.pretrained_cfg
-    x_eval, y_eval = eval_split(args.split, cfg)
+    x_eval, y_eval = (t.to(EVAL_DEVICE) for t in eval_split(args.split, cfg))
     seeds = [int(s) for s in args.seeds.split(",")]
     bits_list = args.bits.split(",")
     rows = [ROWS[int(i) - 1] for i in args.rows.split(",")]
     rows = [ROWS[0]] + [r for r in rows if r != ROWS[0]] if ROWS[0] in rows else rows  # the teacher row first
     results = {(row, b): [] for row in rows for b in bits_list}
     seconds = {row: 0.0 for row in rows}
-    teacher_top1 = accuracy(teacher, x_eval, y_eval)
+    teacher_top1 = accuracy(teacher.to(EVAL_DEVICE), x_eval, y_eval)
     out = Path(args.out)
     plan = [(ROWS[1], "mimiq", {"epochs": 0}), (ROWS[2], "noise", {"had": False}),
             (ROWS[3], "base", {"had": False}), (ROWS[4], "mimiq", {"had": False}),
@@ -155,7 +157,7 @@ def main():
                 if kind == "maskaq":  # plus its share of the MimiQ set its PTQ student was calibrated on
                     share += synth["mimiq_seconds"] / len(bits_list)
                 seconds[row] += time.time() - t0 + share
-                results[(row, bits)].append(accuracy(load_student(run / "student.pt"), x_eval, y_eval))
+                results[(row, bits)].append(accuracy(load_student(run / "student.pt").to(EVAL_DEVICE), x_eval, y_eval))
                 print(f"seed {seed} {bits} {row}: {results[(row, bits)][-1]:.2f}", flush=True)
     runs = len(seeds) * len(bits_list)
     lines = [f"Fashion-MNIST {args.split} top-1 (%), mean ± std over seeds {seeds}; recipe {args.recipe}", "",
@@ -170,7 +172,8 @@ def main():
             cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds[row] / runs:.0f} |")
     lines += ["", f"{len(seeds) * len(bits_list)} runs per row; wall s / run includes the row's share of its synthesis; "
-              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+              f"{torch.get_num_threads()} CPU threads"
+              + (f", {torch.cuda.get_device_name(0)}" if EVAL_DEVICE.type == "cuda" else "") + f", torch {torch.__version__}.",
               "", "Regenerate: `python benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]
     print("\n".join(lines))
     if args.results:

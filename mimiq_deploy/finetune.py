@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
-from .distributed import barrier, device_for_rank, init_from_env
+from .distributed import barrier, device_for_rank, init_from_env, on_device
 from .errors import MimiqError
 from .families import family_of
 from .io import load_torch_file, restore_resume_state, save_resume_state
@@ -146,7 +146,7 @@ def refresh(teacher, student, model_name: str, run_dir: Path, epoch: int, count:
 
 
 def _frozen(teacher, device):
-    teacher = teacher.to(device).eval()
+    teacher = on_device(teacher, device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -123,16 +123,21 @@ def load_torch_file(path, what: str = "checkpoint", trust: bool = False, own: bo
 
 def save_resume_state(path, objects: dict, **values) -> None:
     """A stage's state after an epoch: the state_dict() of each of `objects` (model, optimizer,
-    scheduler) under its key, plain `values`, and torch's RNG; written atomically."""
+    scheduler) under its key, plain `values`, and torch's RNGs (the GPUs' too: drop-path draws there);
+    written atomically."""
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     atomic_torch_save({**{k: o.state_dict() for k, o in objects.items()}, **values,
-                       "torch_rng": torch.get_rng_state()}, path)
+                       "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, path)
 
 
 def restore_resume_state(state: dict, objects: dict) -> None:
-    """Load what save_resume_state stored back into `objects`, and torch's RNG."""
+    """Load what save_resume_state stored back into `objects`, and torch's RNGs."""
     for k, o in objects.items():
         o.load_state_dict(state[k])
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 LOCK_FILE = ".lock"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .attention import AttentionRecorder, token_importance
 from .config import dataclass_from, read_toml, with_defaults
-from .distributed import barrier, device_for_rank, init_from_env
+from .distributed import barrier, device_for_rank, init_from_env, on_device
 from .errors import MimiqError
 from .evaluate import top1_correct
 from .families import family_of
@@ -307,13 +307,14 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
                          "(a PTQ student: `mimiq-deploy finetune --epochs 0`)")
     rank, world = init_from_env()
     device = device_for_rank(rank)
-    model = model.to(device).eval()
+    model = on_device(model, device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = []
     if recipe.mask_align:
+        student = on_device(student, device)
         student_mode = student.training
-        student.to(device).eval()
+        student.eval()
         trainable = [p for p in student.parameters() if p.requires_grad]
     else:
         student = None

@@ -8,6 +8,7 @@ The second embedded model, `fmnist-swin` (timm name `fmnist_swin`), is a timm Sw
 What the method needs of each architecture lives in families/ (one module per family).
 """
 import os
+import re
 from pathlib import Path
 
 import timm
@@ -31,6 +32,14 @@ DEFAULT_MODEL = "fmnist-vit"
 FMNIST_SWIN = "fmnist-swin"
 EMBEDDED = {DEFAULT_MODEL: WEIGHTS_DIR / "fmnist_vit.pt", FMNIST_SWIN: WEIGHTS_DIR / "fmnist_swin.pt"}
 TIMM_NAME = {DEFAULT_MODEL: "fmnist_vit", FMNIST_SWIN: "fmnist_swin"}  # timm entrypoint names cannot hold a '-'
+
+# timm 1.0.31 made a Swin stage's merged grid round up (7x7 -> 4x4); fmnist-swin's weights have that shape
+SWIN_TIMM = (1, 0, 31)
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+
 
 # Fashion-MNIST training-set statistics; they travel with the model as pretrained_cfg.
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -79,6 +88,9 @@ def build_fmnist_vit(arch: dict) -> VisionTransformer:
 def build_fmnist_swin(arch: dict) -> SwinTransformer:
     """A timm SwinTransformer; stem "conv": a full-resolution 3x3 conv before the patchify conv (local
     features before any downsampling, as fmnist-vit's stem; 28x28 images have few pixels per patch)."""
+    if _version(timm.__version__) < SWIN_TIMM:  # older timm builds odd grids' merged stage one row short (7 -> 3, not 4)
+        raise MimiqError(f"Fashion-MNIST Swin teachers need timm >= {'.'.join(map(str, SWIN_TIMM))}, this is timm {timm.__version__}: "
+                         "older timm sizes the last stage of a 28x28 model differently (pip install -U timm)")
     arch = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k != "family"}
     stem = arch.pop("stem", "patchify")
     model = SwinTransformer(**arch)

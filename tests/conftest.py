@@ -34,6 +34,17 @@ def cli():
     return run_cli
 
 
+# For torchrun subprocesses that test the gloo back end on CPU, on a GPU host too.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """Synthesis and fine-tuning on the CPU, on a GPU host too: tests that compare two runs to the bit need it,
+    as CUDA kernels do not promise bitwise repeatable sums (on an H100 a resumed run differed in the last bits)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def teacher():
     """The embedded fmnist-vit teacher, loaded once per test module."""

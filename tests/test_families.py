@@ -215,3 +215,13 @@ def test_tiny_run_of_a_timm_model_passes_verify_and_both_checks(name, tmp_path, 
     calibrate(student, torch.randn(2, 3, 224, 224))
     export_student(student, tmp_path / "w4a8", ExportConfig(), progress=lambda m: None)
     assert check_graph(onnx.load(str(tmp_path / "w4a8" / "export" / TRT_ONNX)), "tensorrt") == []
+
+
+def test_swin_teacher_refuses_a_timm_that_builds_it_differently(monkeypatch):
+    """timm 1.0.29 merges fmnist-swin's 7x7 stage into 3x3, not 4x4: the embedded weights do not fit it
+    (seen on a GPU host's preinstalled timm). The user gets the version to install, not a shape mismatch."""
+    from mimiq_deploy.models import load_model
+
+    monkeypatch.setattr(timm, "__version__", "1.0.29")
+    with pytest.raises(MimiqError, match=r"need timm >= 1\.0\.31, this is timm 1\.0\.29"):
+        load_model("fmnist-swin")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import CPU_ONLY_ENV
 import mimiq_deploy.finetune as ft
 from mimiq_deploy.finetune import FinetuneRecipe, finetune, had_loss, load_student
 from mimiq_deploy.quant import parse_bits, quant_modules
@@ -62,7 +63,7 @@ def test_ptq_is_calibration_only(teacher, synth_dir, tmp_path):
         assert torch.nn.functional.cosine_similarity(student(x), teacher(x)).min() > 0.95
 
 
-def test_resume_gives_the_same_student(teacher, synth_dir, tmp_path, monkeypatch):
+def test_resume_gives_the_same_student(teacher, synth_dir, tmp_path, monkeypatch, cpu_only):
     recipe = FinetuneRecipe(**TINY_FT)
     straight = _fresh_run(synth_dir, tmp_path, "straight")
     finetune(teacher, "fmnist-vit", None, straight, parse_bits("w4a4"), recipe, progress=False)
@@ -89,7 +90,8 @@ def test_torchrun_two_ranks(synth_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
            "-m", "mimiq_deploy", "finetune", "--data", str(run), "--bits", "w4a8", "--epochs", "1",
            "--batch-size", "4"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_ONLY_ENV})
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(json.loads((run / "finetune.json").read_text())["history"]) == 1
     load_student(run / "student.pt")
@@ -166,3 +168,37 @@ def test_finetune_trains_the_weights_not_only_the_step_sizes(teacher, synth_dir,
     for name in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "blocks.2.norm1.weight", "head.weight"):
         assert moved[name] > 0, name
     assert all(not p.requires_grad for p in teacher.parameters())  # the teacher itself stays frozen
+
+
+def test_stages_leave_the_callers_model_where_it_was():
+    """synthesize / finetune on a GPU host work on a copy of a CPU teacher: before, they moved the caller's
+    teacher to CUDA, and its next CPU forward failed with 'Input type ... and weight type ... should be the same'."""
+    from mimiq_deploy.distributed import on_device
+
+    model = torch.nn.Linear(3, 2)
+    assert on_device(model, torch.device("cpu")) is model
+    moved = on_device(model, torch.device("meta"))  # a device that exists everywhere, as CUDA does not
+    assert moved is not model and moved.weight.device.type == "meta" and model.weight.device.type == "cpu"
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch):
+    from mimiq_deploy.distributed import init_from_env
+    from mimiq_deploy.errors import MimiqError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MimiqError, match=r"2 ranks on this node but 1 CUDA device.*nproc_per_node 1"):
+        init_from_env()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stages_leave_a_cpu_teacher_on_the_cpu(teacher, tmp_path):
+    synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(num_images=8, batch_size=4, steps=2), progress=False)
+    finetune(teacher, "fmnist-vit", None, tmp_path, parse_bits("w4a8"), FinetuneRecipe(epochs=1, batch_size=4,
+             milestones=[1], calib_images=8), progress=False)
+    assert {p.device.type for p in teacher.parameters()} == {"cpu"}
+    assert teacher(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert {t.device.type for t in load_student(tmp_path / "student.pt").state_dict().values()} == {"cpu"}

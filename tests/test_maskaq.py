@@ -111,7 +111,7 @@ def _run(prior, tmp_path, name):
     return run
 
 
-def test_refresh_during_finetuning_resumes_to_the_same_student(teacher, prior, tmp_path, monkeypatch):
+def test_refresh_during_finetuning_resumes_to_the_same_student(teacher, prior, tmp_path, monkeypatch, cpu_only):
     recipe = FinetuneRecipe(epochs=3, batch_size=8, calib_images=16, milestones=[2], refresh_every=1,
                             refresh_fraction=0.5)
     synth_recipe = SynthesisRecipe(**{**ALIGNED, "batch_size": 4})

@@ -25,7 +25,8 @@ def _ort_qdq(x: np.ndarray, scale: np.ndarray, bits: int, axis: int | None,
          helper.make_tensor_value_info("codes", TensorProto.INT32, x.shape)],
         [numpy_helper.from_array(scale.astype(np.float32), "scale"),
          helper.make_tensor("zp", qtype, zp.shape, zp.flatten().tolist())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    # IR 10 (ONNX 1.16): an onnx newer than onnxruntime would write an IR version the runtime cannot read
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y, codes = sess.run(None, {"x": x})

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import CPU_ONLY_ENV
 from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.similarity import global_ssim, head_pair_ssim
 from mimiq_deploy.synthesize import (SynthesisRecipe, load_synthesis_recipe, load_synthetic, manifest_path,
@@ -36,7 +37,7 @@ def test_global_ssim_properties():
     assert windowed.shape == (2, 6, 49)
 
 
-def test_synthesis_resumes_to_the_same_shards(teacher, tmp_path):
+def test_synthesis_resumes_to_the_same_shards(teacher, tmp_path, cpu_only):
     recipe = SynthesisRecipe(**TINY)
     full = synthesize(teacher, "fmnist-vit", tmp_path / "a", recipe, progress=False)
     assert full["complete"] and full["num_images_done"] == 10 and full["kind"] == "mimiq"
@@ -64,7 +65,7 @@ def test_ablation_switches(teacher, tmp_path):
     assert 0.5 < images.std() < 1.5  # clamped Gaussian noise, untouched
 
 
-def test_torchrun_two_ranks_match_one_process(teacher, tmp_path):
+def test_torchrun_two_ranks_match_one_process(teacher, tmp_path, cpu_only):
     recipe = SynthesisRecipe(**TINY)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank below: float sums then agree to the bit
@@ -77,7 +78,7 @@ def test_torchrun_two_ranks_match_one_process(teacher, tmp_path):
            "--batch-size", "4", "--steps", "3", "--recipe", str(tmp_path / "r.toml")]
     (tmp_path / "r.toml").write_text("[synthesize]\njitter = 2\n")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_ONLY_ENV})
     assert result.returncode == 0, result.stderr[-2000:]
     _same(_shards(tmp_path / "one"), _shards(tmp_path / "two"))
     assert json.loads(manifest_path(tmp_path / "two").read_text())["complete"]
