@@ -14,6 +14,7 @@ from mimiq_deploy.check import check_graph
 from mimiq_deploy.export import QDQ_ONNX, TRT_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import build_student
 from mimiq_deploy.models import load_model
+from mimiq_deploy.onnx_graph import constants
 from mimiq_deploy.quant import calibrate, parse_bits
 
 
@@ -51,6 +52,12 @@ def test_ort_graph_matches_fake_quant(teacher, bits, tmp_path):
         if level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:  # noise images: near-tie logits
             assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
     inits = {t.name: t for t in model.graph.initializer}
+    # no block computes a reshape's shape at run time (constant_reshape_shapes); the patch embedding's flatten
+    # (two dimensions unknown to shape inference) and the class token's expand to the batch still read Shape
+    fixed = constants(model)
+    assert [n.name for n in model.graph.node if n.op_type == "Reshape" and n.input[1] not in fixed] == [
+        "/patch_embed/Reshape"]
+    assert sum(n.op_type == "Shape" for n in model.graph.node) <= 3
     prob_zps = {inits[n.input[2]].data_type for n in model.graph.node
                 if n.op_type == "QuantizeLinear" and "av_a_quant" in n.name}
     assert prob_zps == ({TensorProto.UINT4} if bits == "w4a4" else {TensorProto.UINT8})  # attention probabilities
@@ -160,3 +167,34 @@ def test_missing_stages_give_one_line_errors(cli, tmp_path):
     for verb in ("export", "build", "verify", "bench"):
         r = cli(verb, tmp_path)
         assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:"), (verb, r.stderr)
+
+
+def test_run_time_reshape_shapes_become_constants():
+    """x.reshape(B, 24) as torch.onnx writes it: the shape computed from Shape(x). The pass makes it [-1, 24],
+    drops the chain, and the graph gives the same values at any batch size."""
+    from onnx import helper
+
+    from mimiq_deploy.onnx_graph import constant_reshape_shapes
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "zero_1d"], ["b1"]),
+             helper.make_node("Concat", ["b1", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+             helper.make_node("Relu", ["flat"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero_1d"),
+             numpy_helper.from_array(np.array([24], np.int64), "rest")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    before = model.SerializeToString()
+    model, count = constant_reshape_shapes(model)
+    assert count == 1 and [n.op_type for n in model.graph.node] == ["Reshape", "Relu"]
+    shape = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[model.graph.node[0].input[1]]
+    assert shape.tolist() == [-1, 24] and {t.name for t in model.graph.initializer} == {model.graph.node[0].input[1]}
+    for b in (1, 5):
+        x = np.random.default_rng(b).standard_normal((b, 4, 6)).astype(np.float32)
+        ref = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert out.shape == (b, 24) and np.array_equal(out, ref)
