@@ -133,6 +133,19 @@ def fold_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return replace_nodes(model, keep, added)
 
 
+def _qkv_heads_dim(shape: str, consts: dict, producer: dict) -> tuple[int, int] | None:
+    """(heads, head dim) of the qkv Reshape's target (B, N, 3, H, D): a constant (export's
+    constant_reshape_shapes), or a Concat whose last three inputs are constants (torch.onnx's own form)."""
+    if shape in consts:
+        target = consts[shape].reshape(-1)
+        return (int(target[3]), int(target[4])) if len(target) == 5 and target[2] == 3 else None
+    concat = producer.get(shape)
+    if (concat is None or concat.op_type != "Concat" or len(concat.input) != 5
+            or not all(i in consts for i in concat.input[2:])):
+        return None
+    return int(consts[concat.input[3]].reshape(-1)[0]), int(consts[concat.input[4]].reshape(-1)[0])
+
+
 def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
     """timm's fused qkv projection, MatMul -> Add -> Reshape (B, N, 3, H, D) -> Transpose -> Split -> Squeeze x3,
     becomes three projections MatMul -> Add -> Reshape (B, N, H, D) -> Transpose: the split is folded into the
@@ -145,23 +158,21 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
         tr = producer.get(split.input[0])
         rs = producer.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
         add = producer.get(rs.input[0]) if rs is not None and rs.op_type == "Reshape" else None
-        if add is None or add.op_type != "Add" or rs.input[1] not in producer:
+        if add is None or add.op_type != "Add":
             continue
+        heads_dim = _qkv_heads_dim(rs.input[1], consts, producer)  # (heads, head dim), or None
         bias_name = next((i for i in add.input if i in inits), None)
         mm = next((producer.get(i) for i in add.input if i not in inits), None)
         dq = producer.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
         squeezes = [users.get(o, []) for o in split.output]
-        shape_in = producer[rs.input[1]]
-        if (dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or bias_name is None
-                or list(helper.get_attribute_value(tr.attribute[0])) != [2, 0, 3, 1, 4]
+        if (heads_dim is None or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits
+                or bias_name is None or list(helper.get_attribute_value(tr.attribute[0])) != [2, 0, 3, 1, 4]
                 or next((a.i for a in split.attribute if a.name == "axis"), 0) != 0
                 or any(len(u) != 1 or u[0].op_type != "Squeeze" for u in squeezes)
                 or len(users[dq.output[0]]) != 1 or len(users[mm.output[0]]) != 1 or len(users[add.output[0]]) != 1
-                or shape_in.op_type != "Concat" or len(shape_in.input) != 5
-                or not all(i in consts for i in shape_in.input[2:])
                 or next((a.i for a in dq.attribute if a.name == "axis"), 1) != 1):
             continue
-        heads, dim = int(consts[shape_in.input[3]].reshape(-1)[0]), int(consts[shape_in.input[4]].reshape(-1)[0])
+        heads, dim = heads_dim
         codes, scale, zp = inits[dq.input[0]], inits[dq.input[1]], inits[dq.input[2]]
         width = heads * dim
         if codes.dims[1] != 3 * width or len(scale.dims) != 1:
