@@ -17,7 +17,6 @@ p50 / p50.
     PYTHONPATH=. python benchmarks/latency.py --out benchmarks/LATENCY.md
 """
 import argparse
-import math
 import os
 import platform
 import sys
@@ -29,16 +28,13 @@ import onnx
 import torch
 
 from mimiq_deploy.backends import BACKENDS
-from mimiq_deploy.bench import profile_breakdown, time_interleaved
+from mimiq_deploy.bench import SETTLE_S, TURN_S, profile_breakdown, time_interleaved, turn_sizes
 from mimiq_deploy.build import build
 from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
 from mimiq_deploy.export import FLOAT_ONNX, ExportConfig, export_student
 from mimiq_deploy.finetune import ptq_student
 from mimiq_deploy.quant import parse_bits
-
-
-SETTLE_S, TURN_S = 0.1, 0.3  # per turn: seconds of uncounted, then of counted runs (in FP32-twin run times)
 
 
 def teacher_and_images(name: str):
@@ -167,7 +163,8 @@ def main():
              "(other jobs make absolute times noisy); "
              "every candidate was timed in the same process in interleaved rounds, so the ratios are the figures "
              f"to read. Each turn runs one candidate back to back: {SETTLE_S} s of uncounted runs, then {TURN_S} s of "
-             f"counted ones (counted in the FP32 twin's run time; at least 3 runs). p50 at batch 1 over at least {args.iters} runs and {args.seconds} s per "
+             f"counted ones (in the fastest candidate's run time; at least 3 runs). p50 at batch 1 over at least "
+             f"{args.iters} runs and {args.seconds} s per "
              f"candidate; at larger batches over at least {args.big_iters} runs and {args.seconds} s, after one warm-up run.",
              "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
     profiles = []
@@ -190,18 +187,11 @@ def main():
                         results[(label, "OpenVINO", b)] = f"fails: {str(e).splitlines()[0][:80]}"
             print(f"{model} batch {b}: timing {len(samplers)} candidates", flush=True)
             big = b > 1  # long runs: fewer samples, unless they are short (--seconds)
-            # Each turn runs one candidate back to back, as a deployed model runs: SETTLE_S of uncounted runs, then at
-            # least TURN_S of counted ones. Right after another session's run, the switch costs for some milliseconds
-            # (that session's spinning worker threads hold a core; caches refill). Alternating every single run
-            # measured deit_tiny W8A8 at 1.88x FP32 (b32), and 2.10x alone (LATENCY.md, "Timing method").
-            fp32 = samplers[("FP32 twin", "ONNX Runtime")]
-            fp32()
-            t0 = time.perf_counter()
-            fp32()
-            one = max(time.perf_counter() - t0, 1e-4)
+            # Each turn runs one candidate back to back, as a deployed model runs (bench.turn_sizes). Alternating
+            # every single run measured deit_tiny W8A8 at 1.88x FP32 (b32), and 2.10x alone (LATENCY.md).
+            settle, per_round = turn_sizes(samplers)
             times = time_interleaved(samplers, warmup=1 if big else 2, iters=args.big_iters if big else args.iters,
-                                     min_seconds=args.seconds, per_round=max(3, math.ceil(TURN_S / one)),
-                                     settle=max(1, math.ceil(SETTLE_S / one)))
+                                     min_seconds=args.seconds, per_round=per_round, settle=settle)
             for (label, engine), t in times.items():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:

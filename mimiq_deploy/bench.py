@@ -1,11 +1,13 @@
 """`mimiq-deploy bench`: latency percentiles and throughput of each artifact and its float twin,
 and where the time goes (ONNX Runtime's profiler, time by op type).
 
-All artifacts are timed in one process, in interleaved rounds (a round runs each artifact a few
-times), so that a shared or throttling host slows them alike and their ratios hold. ONNX Runtime is
+All artifacts are timed in one process, in interleaved rounds, so that a shared or throttling host slows
+them alike and their ratios hold. A round gives each artifact a turn of back-to-back runs, as a deployed
+model runs: SETTLE_S seconds of uncounted runs, then TURN_S seconds of counted ones. ONNX Runtime is
 timed with a wall clock around `run`; TensorRT with CUDA events on its stream. Warm-up runs come
 first and are not counted.
 """
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +28,21 @@ OP_GROUPS = {  # profile shares are reported per op type and per group
     "reshapes": ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Concat", "Gather", "Slice", "Expand",
                  "Flatten", "Shape", "ReorderInput", "ReorderOutput"),
 }
+
+
+# Right after another session's run, switching costs for some milliseconds (its spinning worker threads hold a
+# core, caches refill): a turn counted in runs stays inside that for a 10 ms model (benchmarks/LATENCY.md).
+SETTLE_S, TURN_S = 0.1, 0.3
+
+
+def turn_sizes(samplers: dict) -> tuple[int, int]:
+    """(settle, per_round) runs for time_interleaved: SETTLE_S and TURN_S seconds of the fastest sampler."""
+    fastest = math.inf
+    for sample in samplers.values():
+        sample()
+        fastest = min(fastest, sample())
+    fastest = max(fastest / 1000, 1e-4)
+    return max(1, math.ceil(SETTLE_S / fastest)), max(3, math.ceil(TURN_S / fastest))
 
 
 def op_group(op_type: str) -> str:
@@ -70,7 +87,8 @@ def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 
     for b in batch_sizes:
         x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
         samplers = {name: BACKENDS[arts[name].backend].sampler(run, x) for name, run in runs.items()}
-        times = time_interleaved(samplers, warmup, iters, min_seconds)
+        settle, per_round = turn_sizes(samplers)
+        times = time_interleaved(samplers, warmup, iters, min_seconds, per_round=per_round, settle=settle)
         for name, t in times.items():
             t = np.array(t)
             rows.append({"artifact": name, "precision": arts[name].precision, "batch": b, "iters": len(t),
