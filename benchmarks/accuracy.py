@@ -173,7 +173,8 @@ def main():
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds[row] / runs:.0f} |")
     lines += ["", f"{len(seeds) * len(bits_list)} runs per row; wall s / run includes the row's share of its synthesis; "
               f"{torch.get_num_threads()} CPU threads"
-              + (f", {torch.cuda.get_device_name(0)}" if EVAL_DEVICE.type == "cuda" else "") + f", torch {torch.__version__}.",
+              + (f", {torch.cuda.get_device_name(0)}" if EVAL_DEVICE.type == "cuda" else "")
+              + f", torch {torch.__version__}.",
               "", "Regenerate: `python benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]
     print("\n".join(lines))
     if args.results:

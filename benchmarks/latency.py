@@ -164,8 +164,8 @@ def main():
              "every candidate was timed in the same process in interleaved rounds, so the ratios are the figures "
              f"to read. Each turn runs one candidate back to back: {SETTLE_S} s of uncounted runs, then {TURN_S} s of "
              f"counted ones (in the fastest candidate's run time; at least 3 runs). p50 at batch 1 over at least "
-             f"{args.iters} runs and {args.seconds} s per "
-             f"candidate; at larger batches over at least {args.big_iters} runs and {args.seconds} s, after one warm-up run.",
+             f"{args.iters} runs and {args.seconds} s per candidate; at larger batches over at least "
+             f"{args.big_iters} runs and {args.seconds} s, after one warm-up run.",
              "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
     profiles = []
     for model in args.models.split(","):

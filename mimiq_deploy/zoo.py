@@ -88,9 +88,10 @@ def build_fmnist_vit(arch: dict) -> VisionTransformer:
 def build_fmnist_swin(arch: dict) -> SwinTransformer:
     """A timm SwinTransformer; stem "conv": a full-resolution 3x3 conv before the patchify conv (local
     features before any downsampling, as fmnist-vit's stem; 28x28 images have few pixels per patch)."""
-    if _version(timm.__version__) < SWIN_TIMM:  # older timm builds odd grids' merged stage one row short (7 -> 3, not 4)
-        raise MimiqError(f"Fashion-MNIST Swin teachers need timm >= {'.'.join(map(str, SWIN_TIMM))}, this is timm {timm.__version__}: "
-                         "older timm sizes the last stage of a 28x28 model differently (pip install -U timm)")
+    if _version(timm.__version__) < SWIN_TIMM:  # older timm merges an odd grid one row short (7 -> 3, not 4)
+        raise MimiqError(f"Fashion-MNIST Swin teachers need timm >= {'.'.join(map(str, SWIN_TIMM))}, "
+                         f"this is timm {timm.__version__}: older timm sizes the last stage of a 28x28 model "
+                         "differently (pip install -U timm)")
     arch = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items() if k != "family"}
     stem = arch.pop("stem", "patchify")
     model = SwinTransformer(**arch)
