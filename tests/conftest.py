@@ -40,8 +40,8 @@ CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    """Synthesis and fine-tuning on the CPU, on a GPU host too: tests that compare two runs to the bit need it,
-    as CUDA kernels do not promise bitwise repeatable sums (on an H100 a resumed run was not equal to a straight one)."""
+    """Synthesis and fine-tuning on the CPU, on a GPU host too: tests that compare two runs to the bit need it, as
+    CUDA kernels do not promise bitwise repeatable sums (on an H100 a resumed run was not equal to a straight one)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
