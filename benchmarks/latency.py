@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from mimiq_deploy.backends import BACKENDS
-from mimiq_deploy.bench import SETTLE_S, TURN_S, profile_breakdown, time_interleaved, turn_sizes
+from mimiq_deploy.bench import SETTLE_S, TURN_S, profile_breakdown, time_interleaved
 from mimiq_deploy.build import build
 from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
@@ -189,9 +189,8 @@ def main():
             big = b > 1  # long runs: fewer samples, unless they are short (--seconds)
             # Each turn runs one candidate back to back, as a deployed model runs (bench.turn_sizes). Alternating
             # every single run measured deit_tiny W8A8 at 1.88x FP32 (b32), and 2.10x alone (LATENCY.md).
-            settle, per_round = turn_sizes(samplers)
             times = time_interleaved(samplers, warmup=1 if big else 2, iters=args.big_iters if big else args.iters,
-                                     min_seconds=args.seconds, per_round=per_round, settle=settle)
+                                     min_seconds=args.seconds)
             for (label, engine), t in times.items():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:

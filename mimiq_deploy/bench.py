@@ -36,12 +36,9 @@ SETTLE_S, TURN_S = 0.1, 0.3
 
 
 def turn_sizes(samplers: dict) -> tuple[int, int]:
-    """(settle, per_round) runs for time_interleaved: SETTLE_S and TURN_S seconds of the fastest sampler."""
-    fastest = math.inf
-    for sample in samplers.values():
-        sample()
-        fastest = min(fastest, sample())
-    fastest = max(fastest / 1000, 1e-4)
+    """(settle, per_round) runs for time_interleaved: SETTLE_S and TURN_S seconds of the fastest sampler, timed
+    once each (after the warm-up)."""
+    fastest = max(min(sample() for sample in samplers.values()) / 1000, 1e-4)
     return max(1, math.ceil(SETTLE_S / fastest)), max(3, math.ceil(TURN_S / fastest))
 
 
@@ -50,14 +47,18 @@ def op_group(op_type: str) -> str:
 
 
 def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_seconds: float = 0.0,
-                     per_round: int | None = None, settle: int = 1) -> dict:
+                     per_round: int | None = None, settle: int | None = None) -> dict:
     """{name: [ms, ...]}: every sampler `warmup` times, then rounds of `per_round` calls of each in turn,
     until each has `iters` samples and `min_seconds` of measured time (at most 20 x iters). The first
-    `settle` calls of each turn are not counted: the threads of the engine that ran before may still spin."""
-    per_round = per_round or max(1, iters // 10)
+    `settle` calls of each turn are not counted: the threads of the engine that ran before may still spin.
+    Both default to turns sized in time (turn_sizes)."""
     for sample in samplers.values():
         for _ in range(warmup):
             sample()
+    if per_round is None or settle is None:
+        sized_settle, sized_per_round = turn_sizes(samplers)
+        settle = sized_settle if settle is None else settle
+        per_round = sized_per_round if per_round is None else per_round
     times = {name: [] for name in samplers}
     while any(len(t) < iters or (sum(t) < min_seconds * 1000 and len(t) < 20 * iters) for t in times.values()):
         for name, sample in samplers.items():
@@ -87,8 +88,7 @@ def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 
     for b in batch_sizes:
         x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
         samplers = {name: BACKENDS[arts[name].backend].sampler(run, x) for name, run in runs.items()}
-        settle, per_round = turn_sizes(samplers)
-        times = time_interleaved(samplers, warmup, iters, min_seconds, per_round=per_round, settle=settle)
+        times = time_interleaved(samplers, warmup, iters, min_seconds)
         for name, t in times.items():
             t = np.array(t)
             rows.append({"artifact": name, "precision": arts[name].precision, "batch": b, "iters": len(t),

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import MimiqError
-from .onnx_graph import constants, consumers, initializers, producers, raise_opset, replace_nodes
+from .onnx_graph import constants, consumers, initializers, live_nodes, producers, raise_opset, replace_nodes
 
 DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 ENV_VNNI = "MIMIQ_CPU_VNNI"   # "1" / "0": pretend the host has / lacks VNNI (tests, cross-building)
@@ -223,9 +223,7 @@ def split_qkv(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes += replace[id(node)]
         elif id(node) not in drop:
             nodes.append(node)
-    needed = {name for node in nodes for name in node.input}
-    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # split sizes, squeeze axes
-    return replace_nodes(model, nodes, added)
+    return replace_nodes(model, live_nodes(nodes, model), added)  # the split sizes, squeeze axes, shape chains go
 
 
 def _power_of_two(v: float) -> bool:
@@ -273,9 +271,7 @@ def fold_attention_scale(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in nodes:
         for i, name in enumerate(node.output):
             node.output[i] = rename.get(name, name)
-    needed = {name for node in nodes for name in node.input}
-    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in needed]  # the scale constants
-    return replace_nodes(model, nodes)
+    return replace_nodes(model, live_nodes(nodes, model))  # the scale constants go
 
 
 def host_graph(model: onnx.ModelProto, encoding: str, int4_weights_to_int8: bool = True) -> onnx.ModelProto:

@@ -58,11 +58,11 @@ def raise_opset(model: onnx.ModelProto, version: int = 21) -> None:
             o.version = max(o.version, version)
 
 
-def live_nodes(model: onnx.ModelProto) -> list:
-    """The nodes something downstream of them reads (a graph output at the end), in graph order."""
+def live_nodes(nodes, model: onnx.ModelProto) -> list:
+    """Those of `nodes` (in graph order) that something downstream reads, up to `model`'s outputs."""
     needed = {o.name for o in model.graph.output}
     keep = []
-    for node in reversed(model.graph.node):
+    for node in reversed(list(nodes)):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(node.input)
@@ -98,5 +98,5 @@ def constant_reshape_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
         added.append(numpy_helper.from_array(np.array([-1 if d is None else d for d in out], np.int64), name))
         node.input[1] = name
     if added:
-        replace_nodes(model, live_nodes(model), added)
+        replace_nodes(model, live_nodes(model.graph.node, model), added)
     return model, len(added)
