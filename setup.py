@@ -2,7 +2,7 @@
 
 calib/ and export/ stay at the repository top (the product layout; examples pass them by path) as
 the one editable copy. A wheel has no repository beside it, so building copies them into the package
-as mimiq_deploy/configs/<folder>, where mimiq_deploy.recipes.config_dir finds them through
+as mimiq_deploy/configs/<folder>, where mimiq_deploy.config.config_dir finds them through
 importlib.resources. Package data must sit inside the package folder, and a symlink there is not
 dependable (Windows checkouts, tools that keep links), hence the copy at build time.
 """

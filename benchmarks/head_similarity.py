@@ -12,7 +12,7 @@ from mimiq_deploy.attention import AttentionRecorder
 from mimiq_deploy.data import load_fmnist, normalize_uint8
 from mimiq_deploy.families import family_of
 from mimiq_deploy.models import load_model
-from mimiq_deploy.recipes import config_dir
+from mimiq_deploy.config import config_dir
 from mimiq_deploy.similarity import head_pair_ssim
 from mimiq_deploy.synthesize import load_synthesis_recipe, synthesize_batch
 from mimiq_deploy.zoo import data_config

@@ -30,9 +30,10 @@ import torch
 from mimiq_deploy.backends import BACKENDS
 from mimiq_deploy.bench import SETTLE_S, TURN_S, profile_breakdown, time_interleaved
 from mimiq_deploy.build import build
-from mimiq_deploy.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
+from mimiq_deploy.backends.onnxruntime.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
-from mimiq_deploy.export import FLOAT_ONNX, ExportConfig, export_student
+from mimiq_deploy.export import ExportConfig, export_student
+from mimiq_deploy.run_dir import FLOAT_ONNX
 from mimiq_deploy.finetune import ptq_student
 from mimiq_deploy.quant import parse_bits
 
@@ -177,7 +178,7 @@ def main():
             x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
             samplers = {}
             for label, path in cands.items():
-                samplers[(label, "ONNX Runtime")] = ort_backend.sampler(ort_backend.load(path, threads=args.threads), x)
+                samplers[(label, "ONNX Runtime")] = ort_backend.load(path, threads=args.threads).sampler(x)
                 already = label not in portable and path in portable.values()  # OpenVINO runs this graph already
                 if openvino and not already:
                     try:
@@ -195,7 +196,7 @@ def main():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:
                 if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static")):
-                    prof = ort_backend.profile(cands[label], x, threads=args.threads, runs=5)
+                    prof = ort_backend.profile_graph(cands[label], x, threads=args.threads, runs=5)
                     profiles.append((model, label, b, profile_breakdown(prof)))
         batches = [int(v) for v in args.batches.split(",")]
         lines += [f"## {model} (PTQ students calibrated on {calib})", "",

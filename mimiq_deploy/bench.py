@@ -4,17 +4,16 @@ and where the time goes (ONNX Runtime's profiler, time by op type).
 All artifacts are timed in one process, in interleaved rounds, so that a shared or throttling host slows
 them alike and their ratios hold. A round gives each artifact a turn of back-to-back runs, as a deployed
 model runs: SETTLE_S seconds of uncounted runs, then TURN_S seconds of counted ones. ONNX Runtime is
-timed with a wall clock around `run`; TensorRT with CUDA events on its stream. Warm-up runs come
+timed with a wall clock around the call (Runner.sampler); TensorRT with CUDA events on its stream. Warm-up runs come
 first and are not counted.
 """
 import math
-import time
-from pathlib import Path
 
 import numpy as np
 
 from .backends import BACKENDS
-from .run_dir import RunDir
+from .export import BenchConfig
+from .run_dir import BenchRecord, BenchRow, Profile, RunDir, Speedup
 
 OP_GROUPS = {  # profile shares are reported per op type and per group
     "integer matmul": ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
@@ -67,7 +66,7 @@ def time_interleaved(samplers: dict, warmup: int = 10, iters: int = 100, min_sec
 
 
 def profile_breakdown(by_op: dict) -> dict:
-    """ms per run by op type -> {"total_ms", "by_op": {op: share}, "by_group": {group: share}} (shares in %)."""
+    """ms per run by op type -> total_ms, by_op {op: share}, by_group {group: share} (shares in %)."""
     total = sum(by_op.values()) or 1.0
     groups = {}
     for op, ms in by_op.items():
@@ -76,61 +75,55 @@ def profile_breakdown(by_op: dict) -> dict:
     return {"total_ms": total, "by_op": pct(by_op), "by_group": pct(groups)}
 
 
-def bench(run_dir: Path, batch_sizes: list[int], warmup: int = 10, iters: int = 100, min_seconds: float = 2.0,
-          profile_runs: int = 10, progress=print) -> dict:
-    rd = RunDir(run_dir)
+def bench(run_dir, batch_sizes: list[int], warmup: int = 10, iters: int = 100,
+          min_seconds: float = BenchConfig.seconds, profile_runs: int = 10, progress=print) -> dict:
+    rd = RunDir.of(run_dir)
     built = rd.read_build()
     shape = tuple(rd.read_export().pretrained_cfg["input_size"])
     arts = {name: art for name, art in built.artifacts.items()
             if not art.reference}  # references are for correctness, not deployment candidates
-    runs = {name: BACKENDS[art.backend].load(Path(art.path), provider=art.provider) for name, art in arts.items()}
-    rows, profiles = [], []
+    runners = {name: BACKENDS[art.backend].runner(art) for name, art in arts.items()}
+    record = BenchRecord(skipped=built.skipped)
     for b in batch_sizes:
         x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
-        samplers = {name: BACKENDS[arts[name].backend].sampler(run, x) for name, run in runs.items()}
-        times = time_interleaved(samplers, warmup, iters, min_seconds)
+        times = time_interleaved({name: run.sampler(x) for name, run in runners.items()}, warmup, iters, min_seconds)
         for name, t in times.items():
             t = np.array(t)
-            rows.append({"artifact": name, "precision": arts[name].precision, "batch": b, "iters": len(t),
-                         "p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
-                         "p99_ms": float(np.percentile(t, 99)), "throughput_ips": float(b * 1000 / t.mean())})
-            progress(f"{name} batch {b}: p50 {rows[-1]['p50_ms']:.3f} ms, {rows[-1]['throughput_ips']:.0f} img/s")
-        if profile_runs:
-            for name, art in arts.items():
-                backend = BACKENDS[art.backend]
-                if hasattr(backend, "profile"):  # a kernel-time breakdown where the engine has a profiler
-                    by_op = backend.profile(Path(art.path), x, art.provider, profile_runs)
-                    profiles.append({"artifact": name, "batch": b, **profile_breakdown(by_op)})
-    twins = {name: art.float_twin for name, art in arts.items()}
-    report = {"rows": rows, "speedups": _speedups(rows, twins), "profiles": profiles, "skipped": built.skipped,
-              "interleaved": True}
-    rd.write(rd.bench_record, report)
-    return report
+            row = BenchRow(name, arts[name].precision, b, len(t), float(np.percentile(t, 50)),
+                           float(np.percentile(t, 90)), float(np.percentile(t, 99)), float(b * 1000 / t.mean()))
+            record.rows.append(row)
+            progress(f"{name} batch {b}: p50 {row.p50_ms:.3f} ms, {row.throughput_ips:.0f} img/s")
+        for name, art in arts.items():
+            by_op = BACKENDS[art.backend].profile(art, x, profile_runs) if profile_runs else None
+            if by_op is not None:  # a kernel-time breakdown where the engine has a profiler
+                record.profiles.append(Profile(name, b, **profile_breakdown(by_op)))
+    record.speedups = _speedups(record.rows, {name: art.float_twin for name, art in arts.items()})
+    rd.write_bench(record)
+    return record.to_json()
 
 
-def _speedups(rows: list[dict], twins: dict) -> list[dict]:
+def _speedups(rows: list[BenchRow], twins: dict) -> list[Speedup]:
     """p50 of each float twin over its quantized sibling, per batch (>1: the integer model is faster)."""
-    by = {(r["artifact"], r["batch"]): r for r in rows}
+    by = {(r.artifact, r.batch): r for r in rows}
     out = []
     for r in rows:
-        twin = by.get((twins.get(r["artifact"]), r["batch"]))
+        twin = by.get((twins.get(r.artifact), r.batch))
         if twin:
-            out.append({"quantized": r["artifact"], "float": twin["artifact"], "batch": r["batch"],
-                        "float_over_quantized_p50": twin["p50_ms"] / r["p50_ms"]})
+            out.append(Speedup(r.artifact, twin.artifact, r.batch, twin.p50_ms / r.p50_ms))
     return out
 
 
-def format_bench(report: dict) -> str:
+def format_bench(report: BenchRecord) -> str:
     lines = [f"{'artifact':<22} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9}"]
-    for r in report["rows"]:
-        lines.append(f"{r['artifact']:<22} {r['batch']:>5} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f} "
-                     f"{r['throughput_ips']:9.0f}")
-    for s in report["speedups"]:
-        lines.append(f"speed-up of {s['quantized']} over {s['float']} at batch {s['batch']} (p50 ratio): "
-                     f"{s['float_over_quantized_p50']:.2f}x")
-    for p in report.get("profiles", []):
-        groups = ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items() if v >= 0.5)
-        lines.append(f"time by op type, {p['artifact']} batch {p['batch']} ({p['total_ms']:.2f} ms of kernels): {groups}")
-    for reason in report["skipped"].values():
+    for r in report.rows:
+        lines.append(f"{r.artifact:<22} {r.batch:>5} {r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "
+                     f"{r.throughput_ips:9.0f}")
+    for s in report.speedups:
+        lines.append(f"speed-up of {s.quantized} over {s.float} at batch {s.batch} (p50 ratio): "
+                     f"{s.float_over_quantized_p50:.2f}x")
+    for p in report.profiles:
+        groups = ", ".join(f"{g} {v:.0f}%" for g, v in p.by_group.items() if v >= 0.5)
+        lines.append(f"time by op type, {p.artifact} batch {p.batch} ({p.total_ms:.2f} ms of kernels): {groups}")
+    for reason in report.skipped.values():
         lines.append(reason)
     return "\n".join(lines)

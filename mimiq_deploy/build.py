@@ -1,8 +1,5 @@
-"""`mimiq-deploy build`: runnable artifacts from the exported graphs, and the model repository.
-
-ONNX Runtime (CPU; CUDA EP where present) always; TensorRT engines where a GPU and the
-`tensorrt` package are present; otherwise a message naming what is missing.
-"""
+"""`mimiq-deploy build`: runnable artifacts from the exported graphs, with every back end of the registry that
+can run here (the others are named with what is missing), and the model repository."""
 import json
 import shutil
 from pathlib import Path
@@ -11,39 +8,42 @@ from string import Template
 from timm.data import ImageNetInfo
 
 from .backends import BACKENDS, BuildContext
+from .errors import MimiqError
 from .export import stored_export_config
-from .recipes import config_dir
 from .run_dir import BuildRecord, ExportRecord, RunDir
 
 
-def build(run_dir: Path, progress=print, encoding: str | None = None) -> dict:
-    """Build every artifact the exported graphs allow, with every back end of the registry; returns and
-    writes run_dir/build.json.
+def build(run_dir, progress=print, **options) -> dict:
+    """Build every artifact the exported graphs allow; returns and writes run_dir/build.json.
 
-    encoding: "int8" / "uint8" forces the 8-bit encoding of the ONNX Runtime graph; None or "auto" lets
-    an explicit `ort_int8` of the export config, then this host's CPU decide (encoding.py)."""
-    rd = RunDir(run_dir)
+    options: a back end's build options (its `build_options`), e.g. encoding="int8" / "uint8" forces the 8-bit
+    encoding of the ONNX Runtime graph (None or "auto": the export config, then this host's CPU decide)."""
+    known = {o for b in BACKENDS.values() for o in b.build_options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MimiqError(f"unknown build option(s) {unknown}; known: {sorted(known)}")
+    rd = RunDir.of(run_dir)
     export = rd.read_export()
-    cfg = stored_export_config(export.config, f"{rd.export_record} [config]")
-    ctx = BuildContext(rd, export, cfg, progress, encoding)
-    artifacts, skipped, extra = {}, dict(export.notes), {}
+    cfg = stored_export_config(export)
+    ctx = BuildContext(rd, export, cfg, progress, options)
+    record = BuildRecord(export.bits, {}, dict(export.notes), {})
     for backend in BACKENDS.values():
         if not backend.wants(rd):  # export wrote no graph for it (its reason is in the export notes)
             continue
         ok, why = backend.available()
         if not ok:
-            skipped[backend.name] = f"{backend.title} engines not built: {why}"
+            record.skipped[backend.name] = f"{backend.title} engines not built: {why}"
             continue
-        built, failed, record = backend.build_artifacts(ctx)
-        artifacts.update(built)
-        skipped.update(failed)
-        extra.update(record)
-    for reason in skipped.values():
+        result = backend.build_artifacts(ctx)
+        record.artifacts.update(result.artifacts)
+        record.skipped.update(result.skipped)
+        if result.info:
+            record.backends[backend.name] = result.info
+    for reason in record.skipped.values():
         progress(reason)
-    write_model_repository(rd, export, artifacts, cfg)
-    result = BuildRecord(export.bits, artifacts, skipped, extra.get("ort_encoding", {}))
-    rd.write_build(result)
-    return result.to_json()
+    write_model_repository(rd, export, record.artifacts, cfg)
+    rd.write_build(record)
+    return record.to_json()
 
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -85,15 +85,14 @@ def write_model_repository(run_dir: RunDir, export: ExportRecord, artifacts: dic
     repo = run_dir.model_repository
     tmp = repo.with_name(repo.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    entries = [e for e in (b.repository_entry(artifacts, export.bits, cfg) for b in BACKENDS.values()) if e]
-    templates = config_dir("export") / "templates"
+    entries = [e for e in (b.repository_entry(artifacts, export, cfg) for b in BACKENDS.values()) if e]
     for entry in entries:
         name = f"{base}_{entry.suffix}"
         (tmp / name / "1").mkdir(parents=True)
         shutil.copy2(entry.source, tmp / name / "1" / entry.filename)
-        text = Template((templates / entry.template).read_text()).substitute(name=name, **values, **entry.values)
+        text = Template(entry.template).substitute(name=name, **values, **entry.values)
         (tmp / name / "config.pbtxt").write_text(text)
-        io_type = "float16" if entry.values["io_type"] == "TYPE_FP16" else "float32"
+        io_type = "float16" if entry.io_type == "TYPE_FP16" else "float32"
         pre_json = preprocessing(pre, num_classes, io_type, bool(labels))
         (tmp / name / PREPROCESSING_FILE).write_text(json.dumps(pre_json, indent=2) + "\n")
         if labels:

@@ -1,10 +1,15 @@
-"""The one graph helper of the ONNX passes (export, check, the host re-encoding): who produces and who
-reads a tensor, which tensors are constants, and replacing a graph's nodes without leaving dead initializers."""
+"""The one graph helper of the ONNX passes (export, check, the back ends' rewrites): reading and writing a graph,
+who produces and who reads a tensor, which tensors are constants, and replacing a graph's nodes without leaving
+dead initializers."""
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
+
+from .errors import MimiqError
+from .io import atomic_write
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
@@ -100,3 +105,21 @@ def constant_reshape_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     if added:
         replace_nodes(model, live_nodes(model.graph.node, model), added)
     return model, len(added)
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX file of the run directory; a missing, corrupt or truncated one is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimiqError(f"ONNX file not found: {path} (run `mimiq-deploy export` again)")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, onnx its own types
+        raise MimiqError(f"cannot read {path} as ONNX (corrupt or truncated; run `mimiq-deploy export` again): "
+                         f"{type(e).__name__}") from None
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Validate, then write atomically."""
+    onnx.checker.check_model(model, full_check=True)
+    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))

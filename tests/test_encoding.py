@@ -8,10 +8,11 @@ from onnx import TensorProto, numpy_helper
 
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.data import fmnist_eval_dataset
-from mimiq_deploy.encoding import (ENV_VNNI, choose_encoding, fuse_integer_matmuls, host_encoding, host_graph,
+from mimiq_deploy.backends.onnxruntime.encoding import (ENV_VNNI, choose_encoding, fuse_integer_matmuls, host_encoding, host_graph,
                                    reencode)
 from mimiq_deploy.errors import MimiqError
-from mimiq_deploy.export import QDQ_ONNX, ExportConfig, export_student
+from mimiq_deploy.export import ExportConfig, export_student
+from mimiq_deploy.run_dir import QDQ_ONNX
 from mimiq_deploy.finetune import ptq_student, save_student
 from mimiq_deploy.quant import parse_bits
 
@@ -162,7 +163,7 @@ def test_power_of_two_attention_scale_folds_into_q_exactly(tmp_path):
     """Head width 16: q * 0.25 moves into q's weight step sizes and bias; the built graph gives the same bits."""
     import timm
 
-    from mimiq_deploy.encoding import fold_attention_scale, fold_float_weights, split_qkv
+    from mimiq_deploy.backends.onnxruntime.encoding import fold_attention_scale, fold_float_weights, split_qkv
     from mimiq_deploy.families import capture_attention
     from mimiq_deploy.onnx_graph import copy_model
 

@@ -11,7 +11,9 @@ from onnx import TensorProto, numpy_helper
 
 from mimiq_deploy.families import capture_attention
 from mimiq_deploy.check import check_graph
-from mimiq_deploy.export import QDQ_ONNX, TRT_ONNX, ExportConfig, export_student
+from mimiq_deploy.backends.tensorrt import TRT_ONNX
+from mimiq_deploy.export import ExportConfig, export_config, export_student
+from mimiq_deploy.run_dir import QDQ_ONNX
 from mimiq_deploy.finetune import build_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.onnx_graph import constants
@@ -73,7 +75,7 @@ def test_uint8_and_int8_ort_graphs_hold_the_same_values(teacher, tmp_path):
     student = _student(teacher, "w8a8", torch.randn(16, 1, 28, 28))
     outs, weights = {}, {}
     for encoding in ("uint8", "int8"):
-        export_student(student, tmp_path / encoding, ExportConfig(ort_int8=encoding), progress=lambda m: None)
+        export_student(student, tmp_path / encoding, export_config({"onnxruntime": {"int8": encoding}}, "test"), progress=lambda m: None)
         model = onnx.load(str(tmp_path / encoding / "export" / QDQ_ONNX))
         weights[encoding] = {k: numpy_helper.to_array(t).astype(np.int16) for t in model.graph.initializer
                              for k in [t.name] if k.endswith(("_codes", "_zp"))}

@@ -13,7 +13,9 @@ from mimiq_deploy.attention import AttentionRecorder, attention_modules
 from mimiq_deploy.bench import bench
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.errors import MimiqError
-from mimiq_deploy.export import QDQ_ONNX, TRT_ONNX, ExportConfig, export_student
+from mimiq_deploy.backends.tensorrt import TRT_ONNX
+from mimiq_deploy.export import ExportConfig, export_student
+from mimiq_deploy.run_dir import QDQ_ONNX
 from mimiq_deploy.families import capture_attention, family_of
 from mimiq_deploy.families.swin import ExplicitWindowAttention
 from mimiq_deploy.finetune import build_student, had_loss

@@ -84,3 +84,55 @@ def test_module_imports_have_no_cycle():
         if node not in state:
             walk(node, [node])
     assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def _string_constants(tree):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_back_end_names_appear_only_in_their_own_folder():
+    """A back end's name as a string is its folder's business: the stages loop over the registry instead."""
+    from mimiq_deploy.backends import BACKENDS
+
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).parts
+        for node in _string_constants(ast.parse(path.read_text())):
+            if node.value in BACKENDS and rel[:2] != ("backends", node.value):
+                offenders.append(f"{'/'.join(rel)}:{node.lineno} names {node.value!r}")
+    assert not offenders, offenders
+
+
+def _record_fields() -> set[str]:
+    """Every JSON key of a typed run-directory record: the field names of run_dir.py's Record subclasses."""
+    import dataclasses
+
+    from mimiq_deploy import run_dir
+
+    fields = set()
+    for value in vars(run_dir).values():
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and issubclass(value, run_dir.Record):
+            fields.update(f.name for f in dataclasses.fields(value))
+    return fields
+
+
+def test_records_are_read_only_through_run_dir():
+    """Outside run_dir.py no record is read by string key (`x["key"]` or `x.get("key")` with a record's field
+    name): stages read the typed records."""
+    keys = _record_fields()
+    assert {"artifacts", "rows", "failed", "agreement"} <= keys  # the records the check is about exist
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "run_dir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            key = None
+            if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
+                    and isinstance(node.slice, ast.Constant)):
+                key = node.slice.value
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                key = node.args[0].value
+            if isinstance(key, str) and key in keys:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} reads {key!r}")
+    assert not offenders, offenders

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mimiq_deploy.backends import BACKENDS
-from mimiq_deploy.export import TRT_ONNX, ExportConfig, export_student
+from mimiq_deploy.backends.tensorrt import TRT_ONNX
+from mimiq_deploy.export import ExportConfig, export_student
 from mimiq_deploy.finetune import build_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import calibrate, parse_bits

@@ -1,16 +1,15 @@
-"""Engine back ends behind one interface, and their registry: a new back end (e.g. OpenVINO) is one
-more file here and one more entry in BACKENDS; build, verify, bench and the model repository loop over it.
+"""Engine back ends behind one interface (base.Backend), and their registry.
 
-A back end (see base.Backend) says whether it can run here and why not (`available`), which exported
-graph it builds from (`graphs`) and which conformance target of check.py that graph meets
-(`conformance`), turns the graphs into run-directory Artifacts (`build_artifacts`; `build` is the
-single-graph step), runs an artifact (`load`: numpy batch -> numpy logits), times it (`sampler`),
-and writes its model-repository entry (`repository_entry`).
+A back end is one folder here: the graph variants it wants from the export, its conformance rules, its table in
+the export config, build, a Runner, profile and its model-repository entry (backends/base.py). A new one is a
+folder and one line below; export, check, build, verify, bench, the model repository and the report loop over
+BACKENDS and never name a back end.
 """
-from .base import Backend, BuildContext, RepositoryEntry
+from .base import (Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner)
 from .onnxruntime import OnnxRuntimeBackend
 from .tensorrt import TensorRTBackend
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (OnnxRuntimeBackend(), TensorRTBackend())}
 
-__all__ = ["BACKENDS", "Backend", "BuildContext", "RepositoryEntry", "OnnxRuntimeBackend", "TensorRTBackend"]
+__all__ = ["BACKENDS", "Backend", "BuildContext", "BuildResult", "ExportContext", "ExportedGraphs", "RepositoryEntry",
+           "Runner"]

@@ -1,5 +1,12 @@
-"""ONNX Runtime: CPU, and the CUDA execution provider where onnxruntime-gpu and a GPU are present."""
+"""ONNX Runtime: CPU, and the CUDA execution provider where onnxruntime-gpu and a GPU are present.
+
+Export: the portable QDQ graph (8-bit tensors uint8 / zero point 128 unless int8 is asked: exact on every CPU)
+and, for INT4 weights, the weight-only graph ORT fuses into MatMulNBits. Build: that graph re-encoded for the
+host (encoding.py), each projection with its bias in MatMulIntegerToFloat on the CPU, the float twin, and the
+unfused reference.
+"""
 import collections
+import dataclasses
 import json
 import os
 import tempfile
@@ -9,11 +16,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..encoding import choose_encoding, encoding_of, fuse_integer_matmuls, host_graph
-from ..errors import MimiqError
-from ..export import read_onnx, save_onnx
-from ..run_dir import FLOAT_ONNX, QDQ_ONNX, W4A16_ONNX, Artifact, RunDir
-from .base import Backend, BuildContext, RepositoryEntry
+from ...errors import MimiqError
+from ...onnx_graph import copy_model, read_onnx, save_onnx
+from ...qdq import lower_fake_quant
+from ...run_dir import FLOAT_ONNX, QDQ_ONNX, Artifact, RunDir
+from ..base import Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner, template
+from .encoding import ENCODINGS, choose_encoding, encoding_of, fuse_integer_matmuls, host_graph
+
+W4A16_ONNX = "model_w4a16.onnx"       # INT4 students: weight-only FP32 graph (ORT fuses it into MatMulNBits)
+
+
+@dataclasses.dataclass
+class OnnxRuntimeConfig:
+    """[onnxruntime] of the export config."""
+    int8: str = "auto"   # 8-bit encoding of the built graph: "auto" (build picks for its host), "uint8" (zero
+                         # point 128) or "int8" (zero point 0); "int8" also stores the exported graph that way
+    LEGACY = {"ort_int8": "int8"}  # its flat key in earlier configs
+
+    def __post_init__(self):
+        if self.int8 not in ("auto", *ENCODINGS):
+            raise MimiqError(f"[onnxruntime] int8 = {self.int8!r}: choose \"auto\", \"uint8\" or \"int8\"")
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "QLinearConv", "DynamicQuantizeMatMul",
                    "MatMulInteger", "MatMulNBits")
@@ -66,13 +88,25 @@ def host_graphs(run_dir: RunDir, bits: str, encoding: str) -> dict:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     title = "ONNX Runtime"
-    conformance = "onnxruntime"
+    config_class = OnnxRuntimeConfig
+    build_options = ("encoding",)
     graphs = (QDQ_ONNX, FLOAT_ONNX, W4A16_ONNX)
+    uint8_zero_point_128 = True
 
-    def build_artifacts(self, ctx: BuildContext) -> tuple[dict, dict, dict]:
+    def export_graphs(self, ctx: ExportContext) -> ExportedGraphs:
+        qc, table = ctx.quant, ctx.config.backend(self.name)
+        # Hardware-neutral: uint8 with zero point 128 (unless int8 is asked) is exact on every CPU. `build`
+        # re-encodes it for its host (encoding.py): int8 / zero point 0 where the CPU has VNNI.
+        graphs = {QDQ_ONNX: lower_fake_quant(copy_model(ctx.placeholders), uint8=table.int8 != "int8")}
+        if qc.weight_bits == 4:  # INT4 storage with float activations: block-wise INT4 weights -> MatMulNBits
+            graphs[W4A16_ONNX] = lower_fake_quant(copy_model(ctx.placeholders), ctx.config.int4_block_size,
+                                                  weight_only=True)
+        return ExportedGraphs(graphs, checked=tuple(graphs))
+
+    def build_artifacts(self, ctx: BuildContext) -> BuildResult:
         """Per execution provider: the host-encoded QDQ graph(s), the float twin, and the unfused reference."""
         exp, bits = ctx.run_dir.export_dir, ctx.export.bits
-        chosen, enc_why = choose_encoding(ctx.encoding, ctx.config.ort_int8)
+        chosen, enc_why = choose_encoding(ctx.options.get("encoding"), ctx.config.backend(self.name).int8)
         ctx.progress(f"ONNX Runtime 8-bit encoding: {chosen} ({enc_why})")
         graphs = host_graphs(ctx.run_dir, bits, chosen)
         main_path = graphs[""][0]
@@ -85,7 +119,7 @@ class OnnxRuntimeBackend(Backend):
             todo = [(f"ort-{tag}-{bits}{suffix}" if suffix != "w4a16" else f"ort-{tag}-w4a16", path, precision,
                      suffix == "w4a16") for suffix, (path, precision) in mine.items()]
             for name, onnx_file, precision, weight_only in todo + [(twin, exp / FLOAT_ONNX, "fp32", False)]:
-                info = self.build(onnx_file, exp / f"{onnx_file.stem}.{tag}.opt.onnx", provider)
+                info = self.build(onnx_file, exp / f"{onnx_file.stem}.{tag}.opt.onnx", provider=provider)
                 if cpu_main and onnx_file == cpu_main[0]:
                     info["portable"] = str(main_path)  # the same model in standard ONNX, for other runtimes
                 quantized = precision != "fp32"
@@ -98,34 +132,42 @@ class OnnxRuntimeBackend(Backend):
             artifacts[f"ort-{tag}-{bits}-unfused"] = Artifact(self.name, str(main_path), f"{bits} QDQ unfused", True,
                                                               provider=provider, optimization="disabled",
                                                               reference=True, float_twin=twin)
-        record = {"ort_encoding": {"encoding": chosen, "reason": enc_why, "stored": encoding_of(read_onnx(main_path))}}
-        return artifacts, {}, record
+        info = {"encoding": chosen, "reason": enc_why, "stored": encoding_of(read_onnx(main_path))}
+        return BuildResult(artifacts, {}, info)
 
-    def repository_entry(self, artifacts: dict, bits: str, config) -> RepositoryEntry | None:
+    def report_lines(self, info: dict) -> list[str]:
+        if "encoding" not in info:
+            return []
+        return [f"ONNX Runtime 8-bit encoding chosen by build: **{info['encoding']}** ({info['reason']})."]
+
+    def repository_entry(self, artifacts: dict, export, config) -> RepositoryEntry | None:
         """The host-encoded QDQ graph (the one the unfused reference runs)."""
         main = next((a for a in artifacts.values() if a.backend == self.name and a.reference), None)
         if main is None:
             return None
-        return RepositoryEntry("onnx", "onnxruntime.pbtxt", Path(main.path), "model.onnx",
+        return RepositoryEntry("onnx", template("onnxruntime.pbtxt"), Path(main.path), "model.onnx",
                                {"instance_kind": "KIND_AUTO", "io_type": "TYPE_FP32"})
 
     def providers(self) -> list[str]:
         have = ort.get_available_providers()
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
-    def build(self, onnx_path: Path, out_path: Path, provider: str = "CPUExecutionProvider", **_) -> dict:
+    def build(self, source: Path, out: Path, provider: str = "CPUExecutionProvider", **_) -> dict:
         """Optimize once and keep the optimized graph: it tells which kernels run (integer or float)."""
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(out_path)
-        _session(onnx_path, so, provider)
-        ops = collections.Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
+        so.optimized_model_filepath = str(out)
+        _session(source, so, provider)
+        ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
         integer = {k: v for k, v in ops.items() if k in INTEGER_KERNELS}
-        return {"optimized": str(out_path), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
+        return {"optimized": str(out), "integer_kernels": integer, "float_matmuls": ops.get("MatMul", 0) +
                 ops.get("Gemm", 0) + ops.get("FusedMatMul", 0), "op_counts": dict(ops)}
 
-    def profile(self, onnx_path: Path, x: np.ndarray, provider: str | None = None, runs: int = 10,
-                threads: int = 0) -> dict:
+    def profile(self, artifact: Artifact, x: np.ndarray, runs: int = 10) -> dict:
+        return self.profile_graph(Path(artifact.path), x, artifact.provider, runs)
+
+    def profile_graph(self, onnx_path: Path, x: np.ndarray, provider: str | None = None, runs: int = 10,
+                      threads: int = 0) -> dict:
         """Kernel time per run by op type (ms), from ONNX Runtime's profiler, after two warm-up runs."""
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -148,18 +190,27 @@ class OnnxRuntimeBackend(Backend):
                 by_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
         return dict(by_op)
 
-    def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0, optimization: str = "all"):
-        provider = provider or "CPUExecutionProvider"
+    def runner(self, artifact: Artifact, threads: int = 0) -> "SessionRunner":
+        return self.load(Path(artifact.path), artifact.provider, threads, artifact.optimization or "all")
+
+    def load(self, onnx_path: Path, provider: str | None = None, threads: int = 0,
+             optimization: str = "all") -> "SessionRunner":
+        """A runner of any ONNX file (benchmarks time graphs that are no artifact, too)."""
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimization == "disabled"
                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if threads:
             so.intra_op_num_threads = threads
-        sess = _session(onnx_path, so, provider)
-        name = sess.get_inputs()[0].name
-        dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+        return SessionRunner(_session(onnx_path, so, provider or "CPUExecutionProvider"))
 
-        def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {name: x.astype(dtype, copy=False)})[0].astype(np.float32)
-        return run
 
+class SessionRunner(Runner):
+    """An ONNX Runtime session: float32 in, float32 logits out (FP16 graphs are fed and read in FP16)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.astype(self.dtype, copy=False)})[0].astype(np.float32)

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import MimiqError
-from .onnx_graph import constants, consumers, initializers, live_nodes, producers, raise_opset, replace_nodes
+from ...errors import MimiqError
+from ...onnx_graph import constants, consumers, initializers, live_nodes, producers, raise_opset, replace_nodes
 
 DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 ENV_VNNI = "MIMIQ_CPU_VNNI"   # "1" / "0": pretend the host has / lacks VNNI (tests, cross-building)
@@ -56,11 +56,11 @@ def host_encoding() -> tuple[str, str]:
 
 
 def choose_encoding(requested: str | None, config_value: str | None) -> tuple[str, str]:
-    """A build option, then an explicit `ort_int8` of the export config, then the host decide."""
+    """A build option, then an explicit `int8` of the export config's [onnxruntime] table, then the host decide."""
     if requested and requested != "auto":
         return requested, f"{requested} requested at build (--encoding)"
     if config_value in ENCODINGS:
-        return config_value, f"ort_int8 = \"{config_value}\" in the export config"
+        return config_value, f"int8 = \"{config_value}\" in the export config's [onnxruntime] table"
     return host_encoding()
 
 
