@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends import BACKENDS
 from .export import BenchConfig
-from .run_dir import BenchRecord, BenchRow, Profile, RunDir, Speedup
+from .run_dir import BenchRecord, BenchRow, Preprocessing, Profile, RunDir, Speedup
 
 OP_GROUPS = {  # profile shares are reported per op type and per group
     "integer matmul": ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv",
@@ -79,7 +79,7 @@ def bench(run_dir, batch_sizes: list[int], warmup: int = 10, iters: int = 100,
           min_seconds: float = BenchConfig.seconds, profile_runs: int = 10, progress=print) -> dict:
     rd = RunDir.of(run_dir)
     built = rd.read_build()
-    shape = tuple(rd.read_export().pretrained_cfg["input_size"])
+    shape = tuple(Preprocessing.from_timm(rd.read_export().pretrained_cfg).input_size)
     arts = {name: art for name, art in built.artifacts.items()
             if not art.reference}  # references are for correctness, not deployment candidates
     runners = {name: BACKENDS[art.backend].runner(art) for name, art in arts.items()}

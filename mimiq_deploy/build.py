@@ -10,7 +10,7 @@ from timm.data import ImageNetInfo
 from .backends import BACKENDS, BuildContext
 from .errors import MimiqError
 from .export import stored_export_config
-from .run_dir import BuildRecord, ExportRecord, RunDir
+from .run_dir import BuildRecord, ExportRecord, Preprocessing, RunDir
 
 
 def build(run_dir, progress=print, **options) -> dict:
@@ -50,24 +50,22 @@ PREPROCESSING_FILE = "preprocessing.json"
 LABELS_FILE = "labels.txt"
 
 
-def class_labels(pre: dict, num_classes: int) -> list[str] | None:
+def class_labels(pre: Preprocessing, num_classes: int) -> list[str] | None:
     """Class names for Triton's classification extension: the model's own, else timm's ImageNet names
     for an unchanged ImageNet head; None when unknown."""
-    names = pre.get("label_names")
-    if names and len(names) == num_classes:
-        return list(names)
-    if num_classes == pre.get("num_classes") == 1000:
+    if pre.label_names and len(pre.label_names) == num_classes:
+        return list(pre.label_names)
+    if num_classes == pre.num_classes == 1000:
         return ImageNetInfo().label_descriptions()
     return None
 
 
-def preprocessing(pre: dict, num_classes: int, io_type: str, labels: bool) -> dict:
+def preprocessing(pre: Preprocessing, num_classes: int, io_type: str, labels: bool) -> dict:
     """What a client must do to an image before sending it, in machine-readable form."""
-    return {"input_name": "input", "input_dtype": io_type, "layout": "NCHW", "input_size": list(pre["input_size"]),
-            "pixel_scale": 1 / 255, "mean": list(pre["mean"]), "std": list(pre["std"]),
+    return {"input_name": "input", "input_dtype": io_type, "layout": "NCHW", "input_size": list(pre.input_size),
+            "pixel_scale": 1 / 255, "mean": list(pre.mean), "std": list(pre.std),
             "normalize": "(pixel * pixel_scale - mean) / std, per channel",
-            "interpolation": pre.get("interpolation"), "crop_pct": pre.get("crop_pct"),
-            "crop_mode": pre.get("crop_mode"),
+            "interpolation": pre.interpolation, "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
             "output_name": "logits", "num_classes": num_classes, "label_file": LABELS_FILE if labels else None}
 
 
@@ -75,11 +73,11 @@ def write_model_repository(run_dir: RunDir, export: ExportRecord, artifacts: dic
     """An Inference-Server style repository: <model>/config.pbtxt and <model>/1/model.{onnx,plan}, with
     <model>/preprocessing.json (mean, std, input size, layout) and <model>/labels.txt where the classes are known.
     One model per back end that offers an entry for what it built."""
-    pre = export.pretrained_cfg
-    num_classes = export.num_classes or pre.get("num_classes", 1000)
+    pre = Preprocessing.from_timm(export.pretrained_cfg)
+    num_classes = export.num_classes or pre.num_classes or 1000
     labels = class_labels(pre, num_classes)
     base = (export.model_name or "model").replace("-", "_").replace("/", "_") + "_" + export.bits
-    values = {"max_batch": cfg.max_batch, "dims": ", ".join(str(d) for d in pre["input_size"]),
+    values = {"max_batch": cfg.max_batch, "dims": ", ".join(str(d) for d in pre.input_size),
               "num_classes": num_classes,
               "label_filename": f'\n    label_filename: "{LABELS_FILE}"' if labels else ""}
     repo = run_dir.model_repository

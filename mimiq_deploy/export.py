@@ -20,7 +20,7 @@ from .config import dataclass_from, read_toml
 from .errors import MimiqError
 from .onnx_graph import constant_reshape_shapes, save_onnx
 from .quant.convert import set_quant_enabled
-from .run_dir import FLOAT_ONNX, ExportRecord, RunDir
+from .run_dir import FLOAT_ONNX, ExportRecord, Preprocessing, RunDir
 
 
 @dataclasses.dataclass
@@ -145,7 +145,7 @@ def export_student(student, run_dir, cfg: ExportConfig, progress=print) -> dict:
     returns export.json's record."""
     qc = student.quant_config
     check_exportable(qc)
-    input_size = tuple(student.pretrained_cfg["input_size"])
+    input_size = tuple(Preprocessing.from_timm(student.pretrained_cfg).input_size)
     rd = RunDir.of(run_dir)
     placeholders = torch_to_onnx(student, input_size, cfg.opset)
     set_quant_enabled(student, False)

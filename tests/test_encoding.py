@@ -8,8 +8,8 @@ from onnx import TensorProto, numpy_helper
 
 from mimiq_deploy.check import check_graph
 from mimiq_deploy.data import fmnist_eval_dataset
-from mimiq_deploy.backends.onnxruntime.encoding import (ENV_VNNI, choose_encoding, fuse_integer_matmuls, host_encoding, host_graph,
-                                   reencode)
+from mimiq_deploy.backends.onnxruntime.encoding import (DOT_PRODUCT_FLAGS, ENV_VNNI, choose_encoding, cpu_flags,
+                                                      fuse_integer_matmuls, host_encoding, host_graph, reencode)
 from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.export import ExportConfig, export_student
 from mimiq_deploy.run_dir import QDQ_ONNX
@@ -80,9 +80,11 @@ def test_reencoded_graphs_hold_the_same_values(teacher, calib_images, bits, tmp_
         path = tmp_path / f"{encoding}.host.onnx"
         onnx.save(host, str(path))
         np.testing.assert_array_equal(_run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), exact)
+        # without VNNI, ORT's u8s8 kernels sum in saturating 16-bit pairs: fused int8 is inexact there by design
+        exact_kernels = encoding == "uint8" or host_encoding()[0] == "int8"
         fused = _run(path, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         cos = (fused * exact).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(exact, axis=1))
-        assert (fused.argmax(1) == exact.argmax(1)).all() and cos.min() > 0.999, cos.min()
+        assert not exact_kernels or ((fused.argmax(1) == exact.argmax(1)).all() and cos.min() > 0.999), cos.min()
         # the CPU graph: each projection with its bias in one MatMulIntegerToFloat, where activations are 8-bit
         cpu, count = fuse_integer_matmuls(host)
         assert count == (0 if bits == "w4a4" else len(teacher.blocks) * 6)  # q, k, v, proj, fc1, fc2
@@ -92,7 +94,8 @@ def test_reencoded_graphs_hold_the_same_values(teacher, calib_images, bits, tmp_
             onnx.save(cpu, str(path))
             # with ORT's fusions on, what its own QDQ fusions compute; the bias is only added in the kernel
             cpu_out = _run(path, x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-            np.testing.assert_allclose(cpu_out, fused, rtol=0, atol=1e-5)
+            if exact_kernels:
+                np.testing.assert_allclose(cpu_out, fused, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
@@ -108,11 +111,11 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
     for vnni, encoding in (("1", "int8"), ("0", "uint8")):  # this host as a VNNI one, and as a pre-VNNI one
         monkeypatch.setenv(ENV_VNNI, vnni)
         built = build(tmp_path, progress=lambda m: None)
-        assert built["ort_encoding"]["encoding"] == encoding and built["ort_encoding"]["reason"]
+        assert built["backends"]["onnxruntime"]["encoding"] == encoding and built["backends"]["onnxruntime"]["reason"]
         # int8 hosts: the one activation quantizer shared by q, k, v is stored as uint8 / 128 (ORT's u8s8 form)
         # A4: the attention probabilities are UINT4 (unsigned grid), the other activations INT4
-        assert set(built["ort_encoding"]["stored"]) <= {encoding, "int4", "uint8", "uint4"}
-        assert ("uint4" in built["ort_encoding"]["stored"]) == (bits == "w4a4")
+        assert set(built["backends"]["onnxruntime"]["stored"]) <= {encoding, "int4", "uint8", "uint4"}
+        assert ("uint4" in built["backends"]["onnxruntime"]["stored"]) == (bits == "w4a4")
         main = built["artifacts"][f"ort-cpu-{bits}"]
         # A8: the CPU graph with the bias in MatMulIntegerToFloat; A4 has no such kernel: the standard graph
         cpu_suffix = "" if bits == "w4a4" else ".cpu"
@@ -128,6 +131,8 @@ def test_build_and_verify_with_either_host_encoding(teacher, calib_images, bits,
             assert small["path"].endswith(f"model_qdq_int4.{encoding}.onnx")
             assert "MatMulNBits" in built["artifacts"]["ort-cpu-w4a16"]["integer_kernels"]
             assert built["artifacts"]["ort-cpu-w4a16"]["weight_only"]
+        if encoding == "int8" and not set(DOT_PRODUCT_FLAGS) & cpu_flags():
+            continue  # built as for a VNNI host on one without: u8s8 sums saturate here, verify would rightly fail
         report = verify(tmp_path, limit=500, progress=False)
         assert report["failed"] == []
         for name, row in report["artifacts"].items():

@@ -87,6 +87,7 @@ class Backend:
     build_options: tuple = ()    # keyword options of `build` it reads from BuildContext.options
     graphs: tuple = ()           # exported graphs (run_dir/export names) it builds from; the first must exist
     uint8_zero_point_128 = False  # its engine takes uint8 / zero point 128 as the symmetric int8 scheme
+    packages: tuple = ()         # the Python distributions it runs on (their versions go into the report)
 
     def available(self) -> tuple[bool, str]:
         """Whether it can build and run here, and why not."""

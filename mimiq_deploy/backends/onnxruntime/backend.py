@@ -92,6 +92,7 @@ class OnnxRuntimeBackend(Backend):
     build_options = ("encoding",)
     graphs = (QDQ_ONNX, FLOAT_ONNX, W4A16_ONNX)
     uint8_zero_point_128 = True
+    packages = ("onnxruntime", "onnxruntime-gpu")
 
     def export_graphs(self, ctx: ExportContext) -> ExportedGraphs:
         qc, table = ctx.quant, ctx.config.backend(self.name)

@@ -58,6 +58,7 @@ class TensorRTBackend(Backend):
     title = "TensorRT"
     config_class = TensorRTConfig
     graphs = (TRT_ONNX, TRT_FLOAT_ONNX)
+    packages = ("tensorrt",)
 
     def export_graphs(self, ctx: ExportContext) -> ExportedGraphs:
         qc, table = ctx.quant, ctx.config.backend(self.name)
