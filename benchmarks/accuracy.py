@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from mimiq_deploy.data import load_fmnist, normalize_uint8
-from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student, ptq_student
+from mimiq_deploy.finetune import finetune, load_finetune_recipe, ptq_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, save_image_set, synthesize
 from mimiq_deploy.teacher import TeacherRecipe, accuracy
@@ -89,10 +90,10 @@ def maskaq_set(teacher, model_name: str, recipe_path, seed: int, bits: str, mimi
     return out_dir, synthesis_seconds(manifest), recipe
 
 
-def synthesis_seconds(manifest: dict) -> float:
+def synthesis_seconds(manifest) -> float:
     """A set's synthesis time from its manifest's measured rate (also right for a set reused from an earlier run)."""
-    rate = manifest.get("images_steps_per_s")
-    return manifest["recipe"]["num_images"] * manifest["recipe"]["steps"] / rate if rate else 0.0
+    rate = manifest.images_steps_per_s
+    return manifest.recipe["num_images"] * manifest.recipe["steps"] / rate if rate else 0.0
 
 
 def main():

@@ -15,8 +15,8 @@ import torch
 
 from accuracy import ROWS, eval_split
 from mimiq_deploy.evaluate import top1_correct
-from mimiq_deploy.finetune import load_student
 from mimiq_deploy.models import load_model
+from mimiq_deploy.quant.student import load_student
 
 
 @torch.no_grad()

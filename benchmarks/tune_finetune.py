@@ -13,9 +13,10 @@ from pathlib import Path
 
 from accuracy import eval_split, parse_overrides
 
-from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
+from mimiq_deploy.finetune import finetune, load_finetune_recipe
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.teacher import accuracy
 

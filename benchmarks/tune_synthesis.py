@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from accuracy import eval_split, parse_overrides, real_images
 
-from mimiq_deploy.finetune import finetune, load_finetune_recipe, load_student
+from mimiq_deploy.finetune import finetune, load_finetune_recipe
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.run_dir import RunDir
 from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, mean_inter_head_similarity, synthesize
 from mimiq_deploy.teacher import accuracy

@@ -8,9 +8,10 @@ from pathlib import Path
 from mimiq_deploy.build import build
 from mimiq_deploy.evaluate import eval_dataset, evaluate
 from mimiq_deploy.export import ExportConfig, export_student
-from mimiq_deploy.finetune import FinetuneRecipe, finetune, load_student
+from mimiq_deploy.finetune import FinetuneRecipe, finetune
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.synthesize import SynthesisRecipe, mean_inter_head_similarity, load_synthetic, synthesize
 from mimiq_deploy.verify import format_verify, verify
 

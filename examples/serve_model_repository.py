@@ -1,34 +1,64 @@
-"""Serving the exported model repository.
+"""A client of `mimiq-deploy serve`: raw images in, labels out, over KServe v2 with tritonclient.
 
-With an inference server (Triton):
-    tritonserver --model-repository RUN_DIR/model_repository
-Without one, this script does what a client + server pair would: it reads the repository's
-ONNX model and the preprocessing.json beside its config.pbtxt (input name, size, mean, std),
-and classifies Fashion-MNIST test images, naming the classes from labels.txt.
+    mimiq-deploy serve runs/fmnist-w4a8 &        # Triton on 127.0.0.1: HTTP 8000, gRPC 8001, metrics 8002
+    python examples/serve_model_repository.py runs/fmnist-w4a8 [--url 127.0.0.1:8000] [--grpc] [--num 200]
+
+Fashion-MNIST test images go out as PNG files, as a camera or a browser would send them, 8 to a request; the
+server decodes and normalizes them (preprocessing.json, applied by mimiq_deploy/preprocess.py) and runs the
+artifact; Triton's classification extension answers each image with its top label (labels.txt). The model's
+name comes from the run directory (build.ModelSignature: <model>_<bits>, the model repository's names without
+their back end's suffix). Needs the serve extra: pip install 'mimiq-deploy[serve]'.
 """
-import json
-import sys
-from pathlib import Path
+import argparse
+import io
 
 import numpy as np
-import onnxruntime as ort
+from PIL import Image
 
+from mimiq_deploy.build import ModelSignature
 from mimiq_deploy.data import load_fmnist
 
-repo = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/fmnist-w4a8/model_repository")
-model_dir = next(p for p in sorted(repo.iterdir()) if p.name.endswith("_onnx"))
-pre = json.loads((model_dir / "preprocessing.json").read_text())
-labels = (model_dir / pre["label_file"]).read_text().splitlines() if pre["label_file"] else None
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("run_dir", nargs="?", default="runs/fmnist-w4a8")
+parser.add_argument("--url", default=None, help="host:port of serve's HTTP (default :8000) or gRPC (:8001) endpoint")
+parser.add_argument("--grpc", action="store_true", help="KServe v2 over gRPC instead of HTTP")
+parser.add_argument("--num", type=int, default=200, help="test images to classify")
+args = parser.parse_args()
+
+if args.grpc:
+    import tritonclient.grpc as kserve
+else:
+    import tritonclient.http as kserve
+
+sig = ModelSignature.of_run(args.run_dir)
+url = args.url or ("127.0.0.1:8001" if args.grpc else "127.0.0.1:8000")
+client = kserve.InferenceServerClient(url)
+if not client.is_model_ready(sig.name):
+    raise SystemExit(f"model {sig.name} is not ready at {url}: start `mimiq-deploy serve {args.run_dir}` first")
 
 images, targets = load_fmnist("test")
-assert list(images.shape[1:]) == pre["input_size"], "this client feeds 1x28x28 Fashion-MNIST images"
-mean = np.array(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-std = np.array(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-batch = ((images[:1000].numpy() * pre["pixel_scale"] - mean) / std).astype(pre["input_dtype"])
+images, targets = images[:args.num, 0].numpy(), targets[:args.num].numpy()  # uint8 (N, 28, 28), class indices
 
-session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-logits = session.run([pre["output_name"]], {pre["input_name"]: batch})[0]
-top1 = 100 * (logits.argmax(1) == targets[:1000].numpy()).mean()
-print(f"{model_dir.name}: top-1 {top1:.2f}% on 1000 test images")
-if labels:
-    print("first images:", ", ".join(labels[i] for i in logits[:5].argmax(1)))
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+predicted, names = [], []
+for start in range(0, len(images), 8):
+    batch = np.array([[png(im)] for im in images[start:start + 8]], dtype=np.object_)  # BYTES [n, 1]
+    image_bytes = kserve.InferInput("image_bytes", list(batch.shape), "BYTES")
+    image_bytes.set_data_from_numpy(batch)
+    top1 = kserve.InferRequestedOutput(sig.output_name, class_count=1)  # "score:index:label" per image
+    answer = client.infer(sig.name, [image_bytes], outputs=[top1]).as_numpy(sig.output_name)
+    for entry in answer[:, 0]:
+        score, index, label = entry.decode().split(":", 2)
+        predicted.append(int(index))
+        names.append(label)
+
+top1 = 100 * float(np.mean(np.array(predicted) == targets))
+print(f"{sig.name} at {url} ({'gRPC' if args.grpc else 'HTTP'}): top-1 {top1:.2f}% on {len(images)} test images "
+      "sent as PNG")
+print("first images:", ", ".join(names[:5]))

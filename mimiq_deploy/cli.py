@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from .check import TARGETS as CHECK_TARGETS
 from .errors import MimiqError
 
 model_option = click.option("--model", "model_name", default="fmnist-vit", show_default=True,
@@ -75,9 +74,8 @@ def quantize(model_name, checkpoint, trust, bits, run_dir, recipe, preset, expor
     click.echo("")
     click.echo(format_summary(report))
     click.echo(f"\nreport: {Path(run_dir) / 'report.md'}")
-    failed = (report.get("verify") or {}).get("failed")
-    if failed:
-        raise MimiqError(f"below the verify thresholds: {', '.join(failed)}")
+    if report.verify and report.verify.failed:
+        raise MimiqError(f"below the verify thresholds: {', '.join(report.verify.failed)}")
 
 
 @main.command("eval")
@@ -95,11 +93,12 @@ def eval_cmd(model_name, checkpoint, trust, val_dir, data_dir, batch_size, as_js
 
     model = load_model(model_name, checkpoint, trust=trust)
     dataset, dataset_name = eval_dataset(model, val_dir, data_dir)
-    result = {"model": model_name, "dataset": dataset_name, **evaluate(model, dataset, batch_size, progress=not as_json)}
+    result = evaluate(model, dataset, batch_size, progress=not as_json)
+    result.dataset = dataset_name
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps({"model": model_name, **result.to_json()}))
     else:
-        click.echo(f"{model_name} on {dataset_name}: top-1 {result['top1']:.2f}% over {result['n']} images")
+        click.echo(f"{model_name} on {dataset_name}: top-1 {result.top1:.2f}% over {result.n} images")
 
 
 
@@ -125,7 +124,7 @@ def synthesize(model_name, checkpoint, trust, run_dir, num_images, batch_size, s
                patch_entropy, mask_align, align_student):
     """MimiQ synthetic calibration images (resumable, shards split across torchrun ranks)."""
     from .models import load_model
-    from .recipes import resolve_recipe_path
+    from .config import resolve_recipe_path
     from .synthesize import load_synthesis_recipe, synthesize as run
 
     r = load_synthesis_recipe(resolve_recipe_path(recipe, model_name),
@@ -141,8 +140,8 @@ def synthesize(model_name, checkpoint, trust, run_dir, num_images, batch_size, s
         tag = f"{student.quant_config.name} student {Path(align_student).resolve()}"
     manifest = run(load_model(model_name, checkpoint, trust=trust), model_name, run_dir, r, student=student,
                    student_tag=tag)
-    losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest["final_losses"].items())
-    click.echo(f"synthesized {manifest['num_images_done']} {manifest['kind']} images in {run_dir} ({losses})")
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in manifest.final_losses.items())
+    click.echo(f"synthesized {manifest.num_images_done} {manifest.kind} images in {run_dir} ({losses})")
 
 
 @main.command()
@@ -172,7 +171,7 @@ def finetune(model_name, checkpoint, trust, run_dir, out_dir, bits, epochs, batc
     from .finetune import finetune as run, load_finetune_recipe
     from .models import load_model
     from .quant import parse_bits
-    from .recipes import resolve_recipe_path
+    from .config import resolve_recipe_path
     from .run_dir import RunDir
 
     cfg = parse_bits(bits)
@@ -180,12 +179,12 @@ def finetune(model_name, checkpoint, trust, run_dir, out_dir, bits, epochs, batc
                              dict(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, seed=seed,
                                   had=False if no_had else None, had_token_weight=True if had_token_weight else None,
                                   refresh_every=refresh_every, refresh_fraction=refresh_fraction))
-    out_dir = out_dir or run_dir
-    if out_dir != run_dir:
-        RunDir(out_dir).link_synthetic(run_dir)  # a new run directory reuses the synthetic set, not copies it
-    meta = run(load_model(model_name, checkpoint, trust=trust), model_name, checkpoint, out_dir, cfg, r)
-    click.echo(f"student {cfg.name} written to {Path(out_dir) / 'student.pt'} "
-               f"({len(meta['history'])} epochs, {meta['train_minutes']:.1f} min)")
+    out = RunDir(out_dir or run_dir)
+    if out.root != run_dir:
+        out.link_synthetic(run_dir)  # a new run directory reuses the synthetic set, not copies it
+    record = run(load_model(model_name, checkpoint, trust=trust), model_name, checkpoint, out, cfg, r)
+    click.echo(f"student {cfg.name} written to {out.student} "
+               f"({len(record.history)} epochs, {record.train_minutes:.1f} min)")
 
 
 run_dir_argument = click.argument("run_dir", type=click.Path(path_type=Path))
@@ -202,28 +201,22 @@ def export(run_dir, config_path, trust):
     from .quant.student import load_student
     from .run_dir import RunDir
 
-    student = load_student(RunDir(run_dir).require_student(), trust=trust)
-    manifest = export_student(student, run_dir, load_export_config(config_path), progress=click.echo)
-    for note in manifest["notes"].values():
+    rd = RunDir(run_dir)
+    export_student(load_student(rd.require_student(), trust=trust), rd, load_export_config(config_path),
+                   progress=click.echo)
+    for note in rd.read_export().notes.values():
         click.echo(note)
 
 
 @main.command()
 @click.argument("onnx_path", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(list(CHECK_TARGETS)), required=True)
+@click.option("--target", required=True, help="A back end: onnxruntime, tensorrt, openvino.")
 def check(onnx_path, target):
     """Static conformance of a QDQ graph with what the target engine runs."""
-    import onnx
-
     from .check import check_graph
+    from .onnx_graph import read_onnx
 
-    if not onnx_path.is_file():
-        raise MimiqError(f"ONNX file not found: {onnx_path}")
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as e:
-        raise MimiqError(f"cannot read {onnx_path} as ONNX: {type(e).__name__}") from None
-    violations = check_graph(model, target)
+    violations = check_graph(read_onnx(onnx_path), target)
     for v in violations:
         click.echo(v)
     if violations:
@@ -253,12 +246,15 @@ def build_cmd(run_dir, encoding):
 @trust_option  # for the teacher checkpoint that student.pt names
 def verify_cmd(run_dir, val_dir, data_dir, limit, as_json, trust):
     """Deployed artifacts vs the fake-quant student: agreement, cosine, max error, accuracy."""
+    from .run_dir import RunDir
     from .verify import format_verify, verify
 
-    report = verify(run_dir, val_dir, data_dir, limit, progress=not as_json, trust=trust)
-    click.echo(json.dumps(report) if as_json else format_verify(report))
-    if report["failed"]:
-        raise MimiqError(f"below the verify thresholds: {', '.join(report['failed'])}")
+    rd = RunDir(run_dir)
+    report = verify(rd, val_dir, data_dir, limit, progress=not as_json, trust=trust)
+    record = rd.read_verify()
+    click.echo(json.dumps(report) if as_json else format_verify(record))
+    if record.failed:
+        raise MimiqError(f"below the verify thresholds: {', '.join(record.failed)}")
 
 
 @main.command("bench")
@@ -268,16 +264,17 @@ def verify_cmd(run_dir, val_dir, data_dir, limit, as_json, trust):
 def bench_cmd(run_dir, batch, as_json):
     """Latency p50/p90/p99 and throughput of each artifact and its float twin."""
     from .bench import bench, format_bench
+    from .export import stored_export_config
     from .run_dir import RunDir
 
     rd = RunDir(run_dir)
+    config = stored_export_config(rd.read_export()).bench
     try:
-        sizes = [int(b) for b in batch.split(",")] if batch else rd.read_export().config["batch_sizes"]
+        sizes = [int(b) for b in batch.split(",")] if batch else config.batch_sizes
     except ValueError:
         raise MimiqError(f"--batch takes comma-separated integers, got {batch!r}") from None
-    seconds = rd.read_export().config.get("bench_seconds", 2.0)
-    report = bench(run_dir, sizes, min_seconds=seconds, progress=(lambda m: None) if as_json else click.echo)
-    click.echo(json.dumps(report) if as_json else format_bench(report))
+    report = bench(rd, sizes, min_seconds=config.seconds, progress=(lambda m: None) if as_json else click.echo)
+    click.echo(json.dumps(report) if as_json else format_bench(rd.read_bench()))
 
 
 @main.command("inspect-attention")
@@ -300,22 +297,21 @@ def inspect_attention(model_name, checkpoint, trust, run_dirs, real, val_dir, da
     from .synthesize import load_synthetic, mean_inter_head_similarity
 
     model = load_model(model_name, checkpoint, trust=trust)
-    rows = []
+    rows = []  # (set, n, similarity)
     for run_dir in run_dirs:
         images, _, manifest = load_synthetic(run_dir)
-        rows.append({"set": f"{manifest['kind']} ({run_dir})", "n": min(num, len(images)),
-                     "similarity": mean_inter_head_similarity(model, images[:num])})
+        rows.append((f"{manifest.kind} ({run_dir})", min(num, len(images)), mean_inter_head_similarity(model, images[:num])))
     if real:
         dataset, name = eval_dataset(model, val_dir, data_dir)
         images = torch.stack([dataset[i][0] for i in range(min(num, len(dataset)))])
-        rows.append({"set": f"real ({name})", "n": len(images), "similarity": mean_inter_head_similarity(model, images)})
+        rows.append((f"real ({name})", len(images), mean_inter_head_similarity(model, images)))
     if as_json:
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps([{"set": s, "n": n, "similarity": sim} for s, n, sim in rows]))
         return
-    width = max(len(r["set"]) for r in rows) if rows else 10
+    width = max(len(s) for s, _, _ in rows) if rows else 10
     click.echo(f"{'images':<{width}}  {'n':>6}  mean inter-head |SSIM|")
-    for r in rows:
-        click.echo(f"{r['set']:<{width}}  {r['n']:>6}  {r['similarity']:.4f}")
+    for s, n, sim in rows:
+        click.echo(f"{s:<{width}}  {n:>6}  {sim:.4f}")
 
 
 @main.group()
@@ -343,10 +339,34 @@ def teacher_train(recipe, out, data_dir, epochs, train_subset):
         r.train_subset = train_subset
     out = check_out_path(out or default_teacher_path(r.arch))
     m = train_teacher(r, out, data_dir)
-    click.echo(f"teacher: {m['params'] / 1e6:.2f} M params, val top-1 {m['val_top1']:.2f}%, "
-               f"test top-1 {m['test_top1']:.2f}%, {m['train_minutes']:.1f} min -> {out}")
+    click.echo(f"teacher: {m.params / 1e6:.2f} M params, val top-1 {m.val_top1:.2f}%, "
+               f"test top-1 {m.test_top1:.2f}%, {m.train_minutes:.1f} min -> {out}")
     if out != default_teacher_path(r.arch):
         click.echo(f"use it with any verb: --model {embedded_name(r.arch)} --checkpoint {out}")
 
 
 
+@main.command("serve")
+@run_dir_argument
+@click.option("--artifact", default=None,
+              help="The built artifact to serve (build.json's name, e.g. ort-cpu-w8a8; default: the quantized one "
+                   "`bench` measured fastest, else the first quantized one built).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP, gRPC and metrics "
+              "endpoints listen on (0.0.0.0: every interface).")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="KServe v2 over HTTP.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="KServe v2 over gRPC.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics (/metrics).")
+@click.option("--max-batch", type=int, default=None,
+              help="Largest batch Triton forms or takes (default: max_batch of the export config).")
+@click.option("--max-queue-delay-us", type=int, default=1000, show_default=True,
+              help="How long Triton's dynamic batcher may hold a request to fill a batch.")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Model instances, each running its own copy of the artifact (the CPU's threads shared out).")
+def serve_cmd(run_dir, artifact, host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances):
+    """Serve one built artifact through a Triton Inference Server (PyTriton): KServe v2 over HTTP and gRPC,
+    dynamic batching, raw images preprocessed in the server; SIGINT / SIGTERM stop it gracefully."""
+    from .serve import ServeOptions, serve
+
+    options = ServeOptions(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                           max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances)
+    sys.exit(serve(run_dir, artifact, options, echo=click.echo))

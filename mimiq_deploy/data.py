@@ -9,6 +9,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 
 from .errors import MimiqError
+from .run_dir import Preprocessing
 
 FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {
@@ -67,14 +68,16 @@ def normalize_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def fmnist_eval_dataset(data_cfg: dict, data_dir: Path | None = None, split: str = "test") -> Dataset:
-    """Fashion-MNIST normalized for a model whose input is (1, 28, 28)."""
-    if tuple(data_cfg["input_size"]) != (1, 28, 28):
+def fmnist_eval_dataset(data_cfg: dict | Preprocessing, data_dir: Path | None = None, split: str = "test") -> Dataset:
+    """Fashion-MNIST normalized for a model whose input is (1, 28, 28) (data_cfg: a timm pretrained_cfg or
+    data config)."""
+    prep = Preprocessing.from_timm(data_cfg)
+    if tuple(prep.input_size) != (1, 28, 28):
         raise MimiqError(
-            f"Fashion-MNIST is 1x28x28 but the model expects {tuple(data_cfg['input_size'])}: "
+            f"Fashion-MNIST is 1x28x28 but the model expects {tuple(prep.input_size)}: "
             "pass --val-dir with an ImageNet-style folder for this model")
     images, labels = load_fmnist(split, data_dir)
-    return TensorDataset(normalize_uint8(images, data_cfg["mean"], data_cfg["std"]), labels)
+    return TensorDataset(normalize_uint8(images, prep.mean, prep.std), labels)
 
 
 def imagenet_folder_dataset(val_dir: Path, data_cfg: dict, num_classes: int) -> Dataset:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import fmnist_eval_dataset, imagenet_folder_dataset
+from .run_dir import Accuracy
 from .zoo import data_config
 
 
@@ -37,12 +38,12 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int = 256, progress: bool = True) -> dict:
-    """Top-1 (percent) and count over `dataset` of (image, label) pairs."""
+def evaluate(model, dataset, batch_size: int = 256, progress: bool = True) -> Accuracy:
+    """Top-1 (percent) and count over `dataset` of (image, label) pairs (dataset: the caller names it)."""
     model.eval()
     correct = total = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         correct += top1_correct(model(x), y)
         total += len(y)
-    return {"n": total, "top1": 100.0 * correct / max(1, total)}
+    return Accuracy(n=total, top1=100.0 * correct / max(1, total))

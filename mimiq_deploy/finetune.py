@@ -24,10 +24,10 @@ from .errors import MimiqError
 from .families import family_of
 from .io import load_torch_file, restore_resume_state, save_resume_state
 from .quant import QuantConfig, calibrate, quant_modules
-from .quant.student import build_student, load_student, ptq_student, save_student  # noqa: F401 (the API's home)
-from .run_dir import RunDir
+from .quant.student import build_student, ptq_student, save_student  # noqa: F401 (ptq_student: the API's, beside finetune)
+from .run_dir import EpochStats, FinetuneProgress, FinetuneRecord, FinetuneSignature, RunDir
 from .similarity import global_ssim
-from .synthesize import SynthesisRecipe, load_synthetic, synthesize
+from .synthesize import SynthesisRecipe, load_synthetic, recipe_table, synthesize
 
 
 @dataclasses.dataclass
@@ -52,10 +52,7 @@ class FinetuneRecipe:
 
 
 def load_finetune_recipe(path: str | Path | None, overrides: dict) -> FinetuneRecipe:
-    values = {}
-    if path:
-        table = read_toml(path).get("finetune", {})
-        values = dict(table) if isinstance(table, dict) else {}
+    values = recipe_table(read_toml(path), "finetune") if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     recipe = dataclass_from(FinetuneRecipe, values, f"recipe {path or '(defaults)'} [finetune]")
     if recipe.epochs < 0 or recipe.batch_size <= 0:
@@ -117,8 +114,8 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
                     reduction="batchmean") * temperature ** 2
 
 
-def refresh_dir(run_dir: Path, epoch: int) -> Path:
-    return RunDir(run_dir).refresh(epoch).root
+def refresh_dir(run_dir: Path | RunDir, epoch: int) -> Path:
+    return RunDir.of(run_dir).refresh(epoch).root
 
 
 def refresh_points(recipe: FinetuneRecipe) -> list[int]:
@@ -127,21 +124,22 @@ def refresh_points(recipe: FinetuneRecipe) -> list[int]:
     return list(range(k, recipe.epochs, k)) if k else []
 
 
-def refreshed_images(images: torch.Tensor, run_dir: Path, points: list[int]) -> torch.Tensor:
+def refreshed_images(images: torch.Tensor, run_dir: Path | RunDir, points: list[int]) -> torch.Tensor:
     """The training set after the refreshes at `points`: the i-th refresh's images replace the
     next slice of the set (wrapping around), so successive refreshes rotate through it."""
+    rd = RunDir.of(run_dir)
     images = images.clone()
     for i, epoch in enumerate(points):
-        new = load_synthetic(refresh_dir(run_dir, epoch))[0]
+        new = load_synthetic(rd.refresh(epoch))[0]
         images[(i * len(new) + torch.arange(len(new))) % len(images)] = new
     return images
 
 
-def refresh(teacher, student, model_name: str, run_dir: Path, epoch: int, count: int, synth_recipe, cfg: QuantConfig,
+def refresh(teacher, student, model_name: str, rd: RunDir, epoch: int, count: int, synth_recipe, cfg: QuantConfig,
             progress: bool) -> None:
     """Synthesize `count` new images against the student after `epoch` epochs (resumable)."""
     recipe = dataclasses.replace(synth_recipe, num_images=count, seed=synth_recipe.seed + 10_000 * epoch)
-    synthesize(teacher, model_name, refresh_dir(run_dir, epoch), recipe, progress,
+    synthesize(teacher, model_name, rd.refresh(epoch), recipe, progress,
                student=student, student_tag=f"{cfg.name} student after epoch {epoch}")
 
 
@@ -158,42 +156,46 @@ def _optimizer(student, recipe: FinetuneRecipe):
         for name, p in student.named_parameters():
             if name.endswith("weight_quant.scale"):
                 p.requires_grad_(False)
-    groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    trained = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": trained}]
     if recipe.scale_lr:  # LSQ practice: step sizes on their own learning rate
         is_scale = {id(p) for n, p in student.named_parameters() if n.endswith("_quant.scale")}
-        groups = [{"params": [p for p in groups[0]["params"] if id(p) not in is_scale]},
-                  {"params": [p for p in groups[0]["params"] if id(p) in is_scale], "lr": recipe.scale_lr}]
+        groups = [{"params": [p for p in trained if id(p) not in is_scale]},
+                  {"params": [p for p in trained if id(p) in is_scale], "lr": recipe.scale_lr}]
     opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones, recipe.lr_decay)
 
 
-def _signature(cfg: QuantConfig, recipe: FinetuneRecipe, model_name: str) -> dict:
+def _signature(cfg: QuantConfig, recipe: FinetuneRecipe, model_name: str) -> FinetuneSignature:
     """What a resume state must have been made with to be continued."""
-    signature = {"bits": cfg.name, "recipe": dataclasses.asdict(recipe), "model": model_name}
-    if cfg.act_bits < cfg.input_bits:  # states from before the 8-bit image input are not resumed into it
-        signature["input_bits"] = cfg.input_bits
-    if cfg.probs_unsigned:  # nor states from before the unsigned probability grid into it
-        signature["unsigned_probs"] = True
-    return signature
+    return FinetuneSignature(**cfg.to_json(), recipe=dataclasses.asdict(recipe), model=model_name)
 
 
-def _resume(state_path: Path, signature: dict, objects: dict) -> tuple[int, list, float]:
-    """(first epoch to run, history, seconds so far), restoring `objects` from a resume state when there is one."""
+def _same_signature(stored: FinetuneSignature, signature: FinetuneSignature) -> bool:
+    """The same model, recipe and effective setting: states from before the 8-bit image input or the unsigned
+    probability grid (no input_bits / unsigned_probs) are not resumed into them."""
+    return (stored.model == signature.model and stored.bits == signature.bits
+            and with_defaults(FinetuneRecipe, stored.recipe) == signature.recipe
+            and stored.quant.effective == signature.quant.effective)
+
+
+def _resume(state_path: Path, signature: FinetuneSignature, objects: dict) -> FinetuneProgress:
+    """The progress so far (none without a resume state), restoring `objects` from the resume state."""
     if not state_path.exists():
-        return 0, [], 0.0
+        return FinetuneProgress(signature)
     state = load_torch_file(state_path, "fine-tuning resume state", own=True)
-    stored = {**state["signature"], "recipe": with_defaults(FinetuneRecipe, state["signature"]["recipe"])}
-    if stored != signature:
-        raise MimiqError(f"{state_path} is a fine-tuning of another setting ({state['signature']['bits']}, "
+    progress = FinetuneProgress.from_json(state)
+    if not _same_signature(progress.signature, signature):
+        raise MimiqError(f"{state_path} is a fine-tuning of another setting ({progress.signature.bits}, "
                          "other recipe): remove it or use another run directory")
     restore_resume_state(state, objects)
-    return state["epoch"], state["history"], state["seconds"]
+    return progress
 
 
 def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: FinetuneRecipe, augment, layouts: list,
-                 device, bar) -> dict:
+                 device, bar) -> EpochStats:
     """One pass over the loader: KL (+ gamma * L_HAD) steps; returns the summed losses."""
-    sums = {"loss": 0.0, "kl": 0.0, "had": 0.0}
+    sums = EpochStats()
     for (x,) in bar:
         x = x.to(device)
         if augment:
@@ -208,14 +210,14 @@ def _train_epoch(model, teacher, loader, opt, quantizers, t_rec, s_rec, recipe: 
             had = had_loss(t_rec.outputs, s_rec.outputs, [l.prefix for l in layouts],
                            t_rec.maps if recipe.had_token_weight else None, [l.cls for l in layouts])
             loss = loss + recipe.gamma * had
-            sums["had"] += had.item()
+            sums.had += had.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         for q in quantizers:
             q.project_scale()
-        sums["loss"] += loss.item()
-        sums["kl"] += kl.item()
+        sums.loss += loss.item()
+        sums.kl += kl.item()
         bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", refresh=False)
     return sums
 
@@ -229,19 +231,19 @@ def _loader(images, recipe: FinetuneRecipe, epoch: int, gen, rank: int, world: i
     return DataLoader(data, recipe.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=True)
 
 
-def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cfg: QuantConfig,
-             recipe: FinetuneRecipe, progress: bool = True, synth_recipe=None) -> dict:
-    """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt.
+def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path | RunDir, cfg: QuantConfig,
+             recipe: FinetuneRecipe, progress: bool = True, synth_recipe=None) -> FinetuneRecord:
+    """Calibrate and fine-tune the student on run_dir/synth; writes run_dir/student.pt and finetune.json.
 
     Resumable: run_dir/finetune_state.pt holds the state after each epoch.
     synth_recipe: how refreshes synthesize (recipe.refresh_every > 0); default: as the set was made.
     """
-    run_dir = Path(run_dir)
-    images, _, manifest = load_synthetic(run_dir)
+    rd = RunDir.of(run_dir)
+    images, _, manifest = load_synthetic(rd)
     if recipe.refresh_every and synth_recipe is None:
-        synth_recipe = SynthesisRecipe(**with_defaults(SynthesisRecipe, manifest["recipe"]))
-    if manifest.get("model") != model_name:
-        raise MimiqError(f"{run_dir} holds images of {manifest.get('model')!r}, not {model_name!r}")
+        synth_recipe = SynthesisRecipe(**with_defaults(SynthesisRecipe, manifest.recipe))
+    if manifest.model != model_name:
+        raise MimiqError(f"{rd.root} holds images of {manifest.model!r}, not {model_name!r}")
     rank, world = init_from_env()
     device = device_for_rank(rank)
     torch.manual_seed(recipe.seed)
@@ -249,12 +251,12 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     student = build_student(teacher, cfg)
     calibrate(student, images[:recipe.calib_images].to(device))
 
-    state_path = RunDir(run_dir).finetune_state
-    signature = _signature(cfg, recipe, model_name)
     opt, sched = _optimizer(student, recipe)
     quantizers = list(quant_modules(student).values())
     objects = {"student": student, "opt": opt, "sched": sched}
-    start_epoch, history, seconds = _resume(state_path, signature, objects)
+    signature = _signature(cfg, recipe, model_name)
+    done = _resume(rd.finetune_state, signature, objects)
+    start_epoch, history, seconds = done.epoch, done.history, done.seconds
     if rank == 0 and 0 < start_epoch < recipe.epochs:
         print(f"resuming fine-tuning at epoch {start_epoch + 1}/{recipe.epochs}")
 
@@ -264,9 +266,9 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
     points = refresh_points(recipe)
     refresh_count = max(1, round(recipe.refresh_fraction * len(images)))
     initial_images = images
-    images = refreshed_images(initial_images, run_dir, [p for p in points if p < start_epoch])
+    images = refreshed_images(initial_images, rd, [p for p in points if p < start_epoch])
     gen = torch.Generator().manual_seed(recipe.seed)
-    augment = SimCLRAugment(manifest["mean"], manifest["std"], tuple(manifest["input_size"][1:])) if recipe.augment else None
+    augment = SimCLRAugment(manifest.mean, manifest.std, tuple(manifest.input_size[1:])) if recipe.augment else None
     t_rec = s_rec = None
     try:
         for epoch in range(start_epoch, recipe.epochs):
@@ -275,8 +277,8 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             if epoch in points:
                 if rank == 0:
                     tqdm.write(f"refreshing {refresh_count} synthetic images against the student after epoch {epoch}")
-                refresh(teacher, student, model_name, run_dir, epoch, refresh_count, synth_recipe, cfg, progress)
-                images = refreshed_images(initial_images, run_dir, [p for p in points if p <= epoch])
+                refresh(teacher, student, model_name, rd, epoch, refresh_count, synth_recipe, cfg, progress)
+                images = refreshed_images(initial_images, rd, [p for p in points if p <= epoch])
                 refresh_s = time.time() - t0
             # recorders live only while training: synthesis forwards must not feed them
             t_rec = AttentionRecorder(teacher, logits=False, outputs=True, maps=recipe.had_token_weight)
@@ -291,23 +293,23 @@ def finetune(teacher, model_name: str, checkpoint: str | None, run_dir: Path, cf
             sched.step()
             seconds += time.time() - t0
             n = max(1, len(loader))
-            history.append({"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-                            **({"refresh_s": refresh_s} if refresh_s else {})})
+            stats = EpochStats(epoch + 1, sums.loss / n, sums.kl / n, sums.had / n, sched.get_last_lr()[0],
+                               refresh_s or None)
+            history.append(stats)
             if rank == 0:
-                tqdm.write(f"epoch {epoch + 1}/{recipe.epochs}: loss {history[-1]['loss']:.4f} "
-                           f"kl {history[-1]['kl']:.4f} had {history[-1]['had']:.4f} ({seconds / 60:.1f} min)")
-                save_resume_state(state_path, objects, signature=signature, epoch=epoch + 1, history=history,
-                                  seconds=seconds)
+                tqdm.write(f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} kl {stats.kl:.4f} "
+                           f"had {stats.had:.4f} ({seconds / 60:.1f} min)")
+                save_resume_state(rd.finetune_state, objects,
+                                  **FinetuneProgress(signature, epoch + 1, history, seconds).to_json())
             barrier()
     finally:
         if t_rec:
             t_rec.remove(), s_rec.remove()
-    meta = {"recipe": dataclasses.asdict(recipe), "history": history, "train_minutes": seconds / 60,
-            "refresh_minutes": sum(h.get("refresh_s", 0.0) for h in history) / 60,
-            "synthetic": {"kind": manifest.get("kind"), "num_images": len(images)}}
+    record = FinetuneRecord(**cfg.to_json(), recipe=dataclasses.asdict(recipe), history=history,
+                            train_minutes=seconds / 60, refresh_minutes=sum(h.refresh_s or 0.0 for h in history) / 60,
+                            synthetic={"kind": manifest.kind, "num_images": len(images)})
     if rank == 0:
-        rd = RunDir(run_dir)
-        save_student(rd.student, student.cpu(), model_name, checkpoint, cfg, meta)
-        rd.write(rd.finetune_record, {"bits": cfg.name, **meta})
+        save_student(rd.student, student.cpu(), model_name, checkpoint, cfg, record.to_json())
+        rd.write_finetune(record)
     barrier()
-    return meta
+    return record

@@ -14,15 +14,15 @@ from .bench import bench
 from .build import build
 from .config import with_defaults
 from .errors import MimiqError
-from .export import ExportConfig, check_exportable, export_student, load_export_config
+from .export import ExportConfig, check_exportable, export_student, load_export_config, stored_export_config
 from .finetune import FinetuneRecipe, finetune, load_finetune_recipe
 from .io import run_dir_lock
 from .models import load_model
 from .quant import QuantConfig, parse_bits
 from .quant.student import load_student, ptq_student
-from .recipes import config_dir, resolve_recipe_path
+from .config import config_dir, resolve_recipe_path
 from .report import write_report
-from .run_dir import RunDir
+from .run_dir import ReportRecord, RunDir
 from .synthesize import SynthesisRecipe, is_complete, load_synthesis_recipe, load_synthetic, synthesize
 from .verify import verify
 
@@ -48,7 +48,7 @@ def describe_plan(recipe_path: Path | None, export_config: Path | None) -> str:
                       f"synthesize: {json.dumps(dataclasses.asdict(load_synthesis_recipe(recipe_path, {})))}",
                       f"finetune: {json.dumps(dataclasses.asdict(load_finetune_recipe(recipe_path, {})))}",
                       f"export config: {export_config or 'built-in defaults'}",
-                      f"export: {json.dumps(dataclasses.asdict(load_export_config(export_config)))}"])
+                      f"export: {json.dumps(load_export_config(export_config).to_json())}"])
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class Stages:
 
     def __init__(self, rd: RunDir, echo):
         self.rd, self.echo = rd, echo
-        self.timings = rd.read(rd.timings) or {}
+        self.timings = rd.read_timings()
 
     def run(self, name: str, done: bool, fn) -> None:
         if done:
@@ -83,35 +83,36 @@ class Stages:
         fn()
         self.timings[name] = time.time() - t0
         self.rd.root.mkdir(parents=True, exist_ok=True)
-        self.rd.write(self.rd.timings, self.timings)
+        self.rd.write_timings(self.timings)
 
 
 def _synthesize(plan: Plan, teacher, rd: RunDir, stages: Stages) -> None:
     """The calibration set; with masked attention alignment, a MimiQ prior set and its PTQ student first."""
     if not plan.synth.mask_align:
-        stages.run("synthesize", is_complete(rd.root),
-                   lambda: synthesize(teacher, plan.model_name, rd.root, plan.synth))
+        stages.run("synthesize", is_complete(rd), lambda: synthesize(teacher, plan.model_name, rd, plan.synth))
         return
-    prior = rd.prior.root
+    prior = rd.prior
     stages.run("synthesize prior", is_complete(prior),
                lambda: synthesize(teacher, plan.model_name, prior, dataclasses.replace(plan.synth, mask_align=0.0)))
 
     def aligned():
         student = ptq_student(teacher, plan.quant, load_synthetic(prior)[0][:plan.finetune.calib_images])
-        synthesize(teacher, plan.model_name, rd.root, plan.synth, student=student,
+        synthesize(teacher, plan.model_name, rd, plan.synth, student=student,
                    student_tag=f"{plan.quant.name} PTQ on prior")
-    stages.run("synthesize", is_complete(rd.root), aligned)
+    stages.run("synthesize", is_complete(rd), aligned)
 
 
 def _finetune_done(plan: Plan, rd: RunDir) -> bool:
-    ft = rd.read(rd.finetune_record)
-    return rd.student.exists() and ft is not None and ft.get("bits") == plan.quant.name \
-        and with_defaults(FinetuneRecipe, ft.get("recipe", {})) == dataclasses.asdict(plan.finetune)
+    """student.pt and a finetune.json of the plan's setting and recipe (records of earlier versions hold only
+    the setting's name: compared by name, as they always were)."""
+    ft = rd.read_finetune()
+    return rd.student.exists() and ft is not None and ft.bits == plan.quant.name \
+        and with_defaults(FinetuneRecipe, ft.recipe) == dataclasses.asdict(plan.finetune)
 
 
 def _export_done(plan: Plan, rd: RunDir) -> bool:
-    exp = rd.read(rd.export_record)
-    return exp is not None and exp.get("bits") == plan.quant.name and exp.get("config") == dataclasses.asdict(plan.export)
+    exp = rd.read_export() if rd.export_record.exists() else None
+    return exp is not None and exp.bits == plan.quant.name and stored_export_config(exp) == plan.export
 
 
 def _drop_stale_records(rd: RunDir, timings: dict) -> None:
@@ -121,34 +122,34 @@ def _drop_stale_records(rd: RunDir, timings: dict) -> None:
             later.unlink()
 
 
-def run_plan(plan: Plan, run_dir: Path, echo=print) -> dict:
+def run_plan(plan: Plan, run_dir: Path | RunDir, echo=print) -> ReportRecord:
     """Run (or resume) every stage of `plan` in `run_dir`; returns the report."""
     check_exportable(plan.quant)  # quantize ends in deployed graphs: refuse a width they lack before synthesis
-    rd = RunDir(run_dir)
+    rd = RunDir.of(run_dir)
     teacher = load_model(plan.model_name, plan.checkpoint, trust=plan.trust)
     with run_dir_lock(rd.root):  # a second quantize on this run directory refuses here, before any write
         stages = Stages(rd, echo)
         _synthesize(plan, teacher, rd, stages)
         stages.run("finetune", _finetune_done(plan, rd),
-                   lambda: finetune(teacher, plan.model_name, plan.checkpoint, rd.root, plan.quant, plan.finetune,
+                   lambda: finetune(teacher, plan.model_name, plan.checkpoint, rd, plan.quant, plan.finetune,
                                     synth_recipe=plan.synth))
         stages.run("export", _export_done(plan, rd),
-                   lambda: export_student(load_student(rd.student, trust=plan.trust), rd.root, plan.export,
+                   lambda: export_student(load_student(rd.student, trust=plan.trust), rd, plan.export,
                                           progress=echo))
         _drop_stale_records(rd, stages.timings)
-        stages.run("build", rd.build_record.exists(), lambda: build(rd.root, progress=echo))
+        stages.run("build", rd.build_record.exists(), lambda: build(rd, progress=echo))
         stages.run("verify", rd.verify_record.exists(),
-                   lambda: verify(rd.root, plan.val_dir, plan.data_dir, plan.verify_limit, trust=plan.trust))
+                   lambda: verify(rd, plan.val_dir, plan.data_dir, plan.verify_limit, trust=plan.trust))
         stages.run("bench", rd.bench_record.exists(),
-                   lambda: bench(rd.root, plan.export.batch_sizes, min_seconds=plan.export.bench_seconds,
+                   lambda: bench(rd, plan.export.bench.batch_sizes, min_seconds=plan.export.bench.seconds,
                                  progress=echo))
-        return write_report(rd.root, teacher, plan.model_name, plan.recipe_path, stages.timings, plan.val_dir,
+        return write_report(rd, teacher, plan.model_name, plan.recipe_path, stages.timings, plan.val_dir,
                             plan.data_dir)
 
 
-def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path, recipe_path: Path | None,
+def quantize(model_name: str, checkpoint: Path | None, bits: str, run_dir: Path | RunDir, recipe_path: Path | None,
              export_config: Path | None, val_dir: Path | None = None, data_dir: Path | None = None,
-             verify_limit: int | None = None, echo=print, trust: bool = False) -> dict:
+             verify_limit: int | None = None, echo=print, trust: bool = False) -> ReportRecord:
     """Run (or resume) every stage; returns the report (also written as report.json / report.md).
 
     trust: unpickle the teacher checkpoint fully (`--trust-checkpoint`), see models.load_model."""

@@ -22,8 +22,8 @@ from .distributed import barrier, device_for_rank, init_from_env, on_device
 from .errors import MimiqError
 from .evaluate import top1_correct
 from .families import family_of
-from .io import atomic_torch_save, atomic_write_json, load_torch_file, read_json
-from .run_dir import SYNTH_DIR, RunDir  # noqa: F401
+from .io import atomic_torch_save, load_torch_file
+from .run_dir import Preprocessing, RunDir, SynthManifest
 from .similarity import head_pair_ssim
 from .zoo import data_config
 
@@ -54,13 +54,19 @@ class SynthesisRecipe:
     seed: int = 0
 
 
+def recipe_table(tables: dict, name: str) -> dict:
+    """The table `name` ([synthesize], [finetune]) of a recipe file's tables, {} when it has none."""
+    table = tables.get(name, {})
+    return dict(table) if isinstance(table, dict) else {}
+
+
 def load_synthesis_recipe(path: str | Path | None, overrides: dict) -> SynthesisRecipe:
     """Built-in defaults < the recipe's [synthesize] table < command-line overrides."""
     values = {}
     if path:
-        table = read_toml(path)
-        values = table.get("synthesize", {}) if isinstance(table.get("synthesize"), dict) else {}
-        stray = sorted(k for k in table if k not in ("synthesize", "finetune", "teacher", "meta"))
+        tables = read_toml(path)
+        values = recipe_table(tables, "synthesize")
+        stray = sorted(k for k in tables if k not in ("synthesize", "finetune", "teacher", "meta"))
         if stray:
             raise MimiqError(f"unknown table(s) {stray} in recipe {path}; known: synthesize, finetune")
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -144,18 +150,18 @@ def masked_attention_alignment(teacher_logits: list, student_logits: list, mask:
     return torch.stack(dists).mean()
 
 
-def pixel_bounds(data_cfg: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_bounds(prep: Preprocessing, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid range of normalized pixels: (0 - mean)/std .. (1 - mean)/std per channel."""
-    mean = torch.tensor(data_cfg["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data_cfg["std"], device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, -1, 1, 1)
     return (0 - mean) / std, (1 - mean) / std
 
 
-def _start_images(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device):
+def _start_images(model, recipe: SynthesisRecipe, prep: Preprocessing, shard: int, device):
     """The shard's generator, labels and starting noise (clamped to the pixel range)."""
     gen = torch.Generator(device="cpu").manual_seed(recipe.seed * 1_000_003 + shard)
     n = min(recipe.batch_size, recipe.num_images - shard * recipe.batch_size)
-    shape = (n, *data_cfg["input_size"])
+    shape = (n, *prep.input_size)
     labels = torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
     if recipe.init_grid and not recipe.noise_only:  # low-frequency start: coarse noise upsampled, at init_std
         coarse = torch.randn((n, shape[1], recipe.init_grid, recipe.init_grid), generator=gen)
@@ -163,7 +169,7 @@ def _start_images(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, de
         x = (x / x.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1) * recipe.init_std).to(device)
     else:
         x = (torch.randn(shape, generator=gen) * recipe.init_std).to(device)
-    lo, hi = pixel_bounds(data_cfg, device)
+    lo, hi = pixel_bounds(prep, device)
     return gen, labels, torch.maximum(torch.minimum(x, hi), lo)
 
 
@@ -215,18 +221,20 @@ def _generator_loss(model, x, xa, labels, recipe: SynthesisRecipe, recorder, las
     return loss
 
 
-def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int, device, on_step=None,
-                     student=None) -> dict:
+def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict | Preprocessing, shard: int, device,
+                     on_step=None, student=None) -> dict:
     """One shard: `batch_size` images optimized from noise with the shard's own seed.
 
+    data_cfg: the model's preprocessing (a timm data config, zoo.data_config).
     student: the fake-quant student for masked attention alignment (recipe.mask_align > 0).
     on_step(losses) is called after every optimization step (progress display)."""
     check_family(model, recipe)
-    gen, labels, x = _start_images(model, recipe, data_cfg, shard, device)
+    prep = Preprocessing.from_timm(data_cfg)
+    gen, labels, x = _start_images(model, recipe, prep, shard, device)
     losses = {}
     if recipe.noise_only or recipe.steps == 0:
         return {"images": x.half().cpu(), "labels": labels.cpu(), "losses": losses}
-    lo, hi = pixel_bounds(data_cfg, device)
+    lo, hi = pixel_bounds(prep, device)
     curve = {"step": []}  # the losses at about 50 steps, for the report's loss curve
     every = max(1, recipe.steps // 50)
 
@@ -269,38 +277,44 @@ def synthesize_batch(model, recipe: SynthesisRecipe, data_cfg: dict, shard: int,
     return {"images": stored.cpu(), "labels": labels.cpu(), "losses": losses, "curve": curve}
 
 
-def manifest_path(run_dir: Path) -> Path:
-    return RunDir(run_dir).synth_manifest
+def manifest_path(run_dir: Path | RunDir) -> Path:
+    return RunDir.of(run_dir).synth_manifest
 
 
-def shard_path(run_dir: Path, shard: int) -> Path:
-    return RunDir(run_dir).shard(shard)
+def shard_path(run_dir: Path | RunDir, shard: int) -> Path:
+    return RunDir.of(run_dir).shard(shard)
 
 
-def _check_or_write_manifest(run_dir: Path, header: dict, rank: int) -> None:
-    path = manifest_path(run_dir)
-    if path.exists():
-        old = read_json(path)
-        if old.get("model") != header["model"]:
-            raise MimiqError(f"{run_dir} holds shards of model {old.get('model')!r}, not {header['model']!r}: "
-                             "use another --out")
-        old_recipe = with_defaults(SynthesisRecipe, old.get("recipe", {}))
-        if old_recipe != header["recipe"]:
-            changed = sorted(k for k in header["recipe"] if old_recipe.get(k) != header["recipe"][k])
-            raise MimiqError(f"{run_dir} holds shards made with another recipe (differs in {changed}): use another --out")
-        if old.get("student") != header["student"]:
-            raise MimiqError(f"{run_dir} holds shards aligned with another student ({old.get('student')}): use another --out")
+def _check_or_write_manifest(rd: RunDir, header: SynthManifest, rank: int) -> None:
+    old = rd.read_manifest()
+    if old is not None:
+        if old.model != header.model:
+            raise MimiqError(f"{rd.root} holds shards of model {old.model!r}, not {header.model!r}: use another --out")
+        old_recipe = with_defaults(SynthesisRecipe, old.recipe)
+        if old_recipe != header.recipe:
+            changed = sorted(k for k in header.recipe if old_recipe.get(k) != header.recipe[k])
+            raise MimiqError(f"{rd.root} holds shards made with another recipe (differs in {changed}): use another --out")
+        if old.student != header.student:
+            raise MimiqError(f"{rd.root} holds shards aligned with another student ({old.student}): use another --out")
         return
     if rank == 0:
-        atomic_write_json(path, header)
+        rd.write_manifest(header)
 
 
-def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, progress: bool = True,
-               student=None, student_tag: str | None = None) -> dict:
+def _header(model_name: str, recipe: SynthesisRecipe, prep: Preprocessing, num_classes: int, kind: str,
+            student: str | None = None) -> SynthManifest:
+    return SynthManifest(model=model_name, recipe=dataclasses.asdict(recipe),
+                         num_shards=math.ceil(recipe.num_images / recipe.batch_size), input_size=list(prep.input_size),
+                         mean=list(prep.mean), std=list(prep.std), num_classes=num_classes, kind=kind, student=student)
+
+
+def synthesize(model, model_name: str, run_dir: Path | RunDir, recipe: SynthesisRecipe, progress: bool = True,
+               student=None, student_tag: str | None = None) -> SynthManifest:
     """Write all missing shards of the synthetic set into run_dir/synth; returns the manifest.
 
     student (with student_tag, its description in the manifest): the fake-quant student that
     masked attention alignment needs; its parameters are left as they were."""
+    rd = RunDir.of(run_dir)
     check_family(model, recipe)
     if recipe.mask_align and student is None:
         raise MimiqError("mask_align needs the quantized student in the loop: pass --align-student STUDENT.pt "
@@ -318,17 +332,15 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
         trainable = [p for p in student.parameters() if p.requires_grad]
     else:
         student = None
-    data_cfg = data_config(model)
-    num_shards = math.ceil(recipe.num_images / recipe.batch_size)
-    header = {"model": model_name, "recipe": dataclasses.asdict(recipe), "num_shards": num_shards,
-              "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
-              "num_classes": model.num_classes, "kind": _kind(recipe), "student": student_tag if student else None}
-    _check_or_write_manifest(run_dir, header, rank)
+    prep = Preprocessing.from_timm(data_config(model))
+    header = _header(model_name, recipe, prep, model.num_classes, _kind(recipe), student_tag if student else None)
+    num_shards = header.num_shards
+    _check_or_write_manifest(rd, header, rank)
     barrier()
-    mine = [s for s in range(rank, num_shards, world) if not shard_path(run_dir, s).exists()]
+    mine = [s for s in range(rank, num_shards, world) if not rd.shard(s).exists()]
     steps = 1 if recipe.noise_only else max(1, recipe.steps)
     done_images = recipe.num_images - sum(min(recipe.batch_size, recipe.num_images - s * recipe.batch_size)
-                                          for s in range(num_shards) if not shard_path(run_dir, s).exists())
+                                          for s in range(num_shards) if not rd.shard(s).exists())
     bar = tqdm(total=len(mine) * steps, unit="step", disable=not progress or rank != 0 and world > 1,
                desc=f"synthesize{f' rank {rank}' if world > 1 else ''}")
     t0, work = time.time(), 0
@@ -340,10 +352,10 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
                 bar.update(1)
                 bar.set_postfix(images=f"{done_images}/{recipe.num_images}",
                                 **{k: f"{v:.3g}" for k, v in losses.items() if k != "total"}, refresh=False)
-            out = synthesize_batch(model, recipe, data_cfg, shard, device, on_step, student)
+            out = synthesize_batch(model, recipe, prep, shard, device, on_step, student)
             if recipe.noise_only or recipe.steps == 0:
                 bar.update(1)
-            atomic_torch_save({**out, "shard": shard}, shard_path(run_dir, shard))
+            atomic_torch_save({**out, "shard": shard}, rd.shard(shard))
             done_images += len(out["labels"])
             work += len(out["labels"]) * steps
     finally:
@@ -354,8 +366,7 @@ def synthesize(model, model_name: str, run_dir: Path, recipe: SynthesisRecipe, p
             student.train(student_mode)
     elapsed = time.time() - t0
     barrier()
-    return finalize_manifest(run_dir, {"images_steps_per_s": work / elapsed if elapsed > 0 and work else None}
-                             if rank == 0 else None)
+    return finalize_manifest(rd, write=rank == 0, images_steps_per_s=work / elapsed if elapsed > 0 and work else None)
 
 
 def _kind(recipe: SynthesisRecipe) -> str:
@@ -363,11 +374,11 @@ def _kind(recipe: SynthesisRecipe) -> str:
     return base + "+maskaq" if recipe.mask_align and not recipe.noise_only else base
 
 
-def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
-    """Summarize the finished shards (losses, teacher accuracy) into the manifest."""
-    path = manifest_path(run_dir)
-    manifest = read_json(path)
-    shards = read_shards(run_dir, manifest["num_shards"])
+def finalize_manifest(run_dir: Path | RunDir, write: bool = True, images_steps_per_s: float | None = None) -> SynthManifest:
+    """Summarize the finished shards (losses, teacher accuracy) into the manifest; write it back if `write`."""
+    rd = RunDir.of(run_dir)
+    manifest = rd.read_manifest()
+    shards = read_shards(rd, manifest.num_shards)
     n = sum(len(s["labels"]) for s in shards)
     stats = {}
     for key in ("ihc", "entropy", "align", "ce", "tv", "teacher_top1", "student_top1"):
@@ -377,19 +388,20 @@ def finalize_manifest(run_dir: Path, timing: dict | None) -> dict:
     curves = [s["curve"] for s in shards if s.get("curve")]
     if curves and all(c["step"] == curves[0]["step"] for c in curves):  # mean over shards, step by step
         keys = [k for k in curves[0] if all(k in c for c in curves)]
-        manifest["loss_curve"] = {k: [sum(v) / len(curves) for v in zip(*(c[k] for c in curves))] for k in keys}
-    manifest.update(complete=True, num_images_done=n, final_losses=stats)
-    if timing and timing.get("images_steps_per_s"):
-        manifest["images_steps_per_s"] = timing["images_steps_per_s"]
-    if timing is not None:
-        atomic_write_json(path, manifest)
+        manifest.loss_curve = {k: [sum(v) / len(curves) for v in zip(*(c[k] for c in curves))] for k in keys}
+    manifest.complete, manifest.num_images_done, manifest.final_losses = True, n, stats
+    if images_steps_per_s:
+        manifest.images_steps_per_s = images_steps_per_s
+    if write:
+        rd.write_manifest(manifest)
     return manifest
 
 
-def read_shards(run_dir: Path, num_shards: int) -> list[dict]:
+def read_shards(run_dir: Path | RunDir, num_shards: int) -> list[dict]:
+    rd = RunDir.of(run_dir)
     shards = []
     for s in range(num_shards):
-        path = shard_path(run_dir, s)
+        path = rd.shard(s)
         shard = load_torch_file(path, "synthetic shard", own=True)
         if not isinstance(shard, dict) or not all(isinstance(shard.get(k), torch.Tensor) for k in ("images", "labels")):
             raise MimiqError(f"{path} is not a synthetic shard (no images / labels): remove it and rerun synthesize")
@@ -397,21 +409,22 @@ def read_shards(run_dir: Path, num_shards: int) -> list[dict]:
     return shards
 
 
-def is_complete(run_dir: Path) -> bool:
-    path = manifest_path(run_dir)
-    return path.exists() and read_json(path).get("complete", False)
+def is_complete(run_dir: Path | RunDir) -> bool:
+    manifest = RunDir.of(run_dir).read_manifest()
+    return manifest is not None and manifest.complete
 
 
-def load_synthetic(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def load_synthetic(run_dir: Path | RunDir) -> tuple[torch.Tensor, torch.Tensor, SynthManifest]:
     """All shards of run_dir/synth as (float images, labels, manifest)."""
-    path = manifest_path(run_dir)
-    if not path.exists():
-        raise MimiqError(f"no synthetic data in {run_dir} ({path} missing): run `mimiq-deploy synthesize` first")
-    manifest = read_json(path)
-    missing = [s for s in range(manifest["num_shards"]) if not shard_path(run_dir, s).exists()]
+    rd = RunDir.of(run_dir)
+    manifest = rd.read_manifest()
+    if manifest is None:
+        raise MimiqError(f"no synthetic data in {rd.root} ({rd.synth_manifest} missing): "
+                         "run `mimiq-deploy synthesize` first")
+    missing = [s for s in range(manifest.num_shards) if not rd.shard(s).exists()]
     if missing:
-        raise MimiqError(f"{run_dir} misses {len(missing)} of {manifest['num_shards']} shards: rerun synthesize to finish")
-    shards = read_shards(run_dir, manifest["num_shards"])
+        raise MimiqError(f"{rd.root} misses {len(missing)} of {manifest.num_shards} shards: rerun synthesize to finish")
+    shards = read_shards(rd, manifest.num_shards)
     return torch.cat([s["images"] for s in shards]).float(), torch.cat([s["labels"] for s in shards]), manifest
 
 
@@ -433,17 +446,16 @@ def mean_inter_head_similarity(model, images: torch.Tensor, batch_size: int = 64
     return total / max(1, count)
 
 
-def save_image_set(run_dir: Path, model_name: str, images: torch.Tensor, labels: torch.Tensor, kind: str,
-                   data_cfg: dict, shard_size: int = 256) -> dict:
-    """Store an image set made elsewhere (e.g. real images for a reference run) in the shard format."""
-    recipe = dataclasses.asdict(SynthesisRecipe(num_images=len(images), batch_size=shard_size, steps=0))
-    header = {"model": model_name, "recipe": recipe, "num_shards": math.ceil(len(images) / shard_size),
-              "input_size": list(data_cfg["input_size"]), "mean": list(data_cfg["mean"]),
-              "std": list(data_cfg["std"]), "num_classes": data_cfg.get("num_classes", int(labels.max()) + 1),
-              "kind": kind}
-    atomic_write_json(manifest_path(run_dir), header)
-    for s in range(header["num_shards"]):
+def save_image_set(run_dir: Path | RunDir, model_name: str, images: torch.Tensor, labels: torch.Tensor, kind: str,
+                   data_cfg: dict | Preprocessing, shard_size: int = 256) -> SynthManifest:
+    """Store an image set made elsewhere (e.g. real images for a reference run) in the shard format.
+    data_cfg: the images' preprocessing (a timm pretrained_cfg or data config)."""
+    rd, prep = RunDir.of(run_dir), Preprocessing.from_timm(data_cfg)
+    recipe = SynthesisRecipe(num_images=len(images), batch_size=shard_size, steps=0)
+    header = _header(model_name, recipe, prep, prep.num_classes or int(labels.max()) + 1, kind)
+    rd.write_manifest(header)
+    for s in range(header.num_shards):
         part = slice(s * shard_size, (s + 1) * shard_size)
         atomic_torch_save({"images": images[part].half(), "labels": labels[part], "losses": {}, "shard": s},
-                          shard_path(run_dir, s))
-    return finalize_manifest(run_dir, {})
+                          rd.shard(s))
+    return finalize_manifest(rd)

@@ -14,6 +14,7 @@ from .data import load_fmnist, normalize_uint8
 from .errors import MimiqError
 from .evaluate import accuracy
 from .io import atomic_torch_save, load_torch_file, restore_resume_state, save_resume_state
+from .run_dir import TeacherCheckpoint, TeacherEpoch, TeacherMetrics, TeacherProgress
 from .zoo import EMBEDDED, FMNIST_MEAN, FMNIST_STD, FMNIST_VIT_ARCH, build_teacher, embedded_name, fmnist_pretrained_cfg
 
 
@@ -90,7 +91,7 @@ def _train_epoch(model, opt, sched, x_train, y_train, recipe: TeacherRecipe, gen
     return loss.item()
 
 
-def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None) -> dict:
+def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None) -> TeacherMetrics:
     """Train, evaluate on the test split, write the checkpoint atomically; returns metrics.
 
     Resumable: the state after each epoch is kept in `<out>.resume`; a rerun continues it.
@@ -105,10 +106,11 @@ def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None
     objects = {"model": model, "opt": opt, "sched": sched}
     if resume_path.exists():
         state = load_torch_file(resume_path, "teacher resume state", own=True)
-        if state["recipe"] == dataclasses.asdict(recipe):  # another recipe starts afresh
+        done = TeacherProgress.from_json(state)
+        if done.recipe == dataclasses.asdict(recipe):  # another recipe starts afresh
             restore_resume_state(state, objects)
-            gen.set_state(state["gen"])
-            history, start_epoch, train_seconds = state["history"], state["epoch"], state["seconds"]
+            gen.set_state(done.gen)
+            history, start_epoch, train_seconds = done.history, done.epoch, done.seconds
             print(f"resuming teacher training at epoch {start_epoch + 1}/{recipe.epochs}")
 
     for epoch in range(start_epoch, recipe.epochs):
@@ -116,18 +118,19 @@ def train_teacher(recipe: TeacherRecipe, out: Path, data_dir: Path | None = None
         loss = _train_epoch(model, opt, sched, x_train, y_train, recipe, gen, epoch)
         train_seconds += time.time() - t0
         val = accuracy(model, x_val, y_val)
-        history.append({"epoch": epoch + 1, "val_top1": val, "loss": loss})
+        history.append(TeacherEpoch(epoch + 1, val, loss))
         tqdm.write(f"epoch {epoch + 1}: val top-1 {val:.2f}%  ({train_seconds / 60:.1f} min so far)")
-        save_resume_state(resume_path, objects, recipe=dataclasses.asdict(recipe), gen=gen.get_state(),
-                          history=history, epoch=epoch + 1, seconds=train_seconds)
+        save_resume_state(resume_path, objects, **TeacherProgress(dataclasses.asdict(recipe), gen.get_state(), history,
+                                                                  epoch + 1, train_seconds).to_json())
 
     x_test, y_test = load_fmnist("test", data_dir)
     test = accuracy(model, normalize_uint8(x_test, FMNIST_MEAN, FMNIST_STD), y_test)
-    metrics = {"val_top1": history[-1]["val_top1"] if history else None, "test_top1": test,
-               "train_minutes": train_seconds / 60, "params": sum(p.numel() for p in model.parameters()),
-               "history": history}
-    atomic_torch_save({"arch": copy.deepcopy(recipe.arch), "pretrained_cfg": fmnist_pretrained_cfg(embedded_name(recipe.arch)),
-                       "model": model.state_dict(), "recipe": dataclasses.asdict(recipe), "metrics": metrics}, out)
+    metrics = TeacherMetrics(val_top1=history[-1].val_top1 if history else None, test_top1=test,
+                             train_minutes=train_seconds / 60, params=sum(p.numel() for p in model.parameters()),
+                             history=history)
+    ckpt = TeacherCheckpoint(arch=copy.deepcopy(recipe.arch), pretrained_cfg=fmnist_pretrained_cfg(embedded_name(recipe.arch)),
+                             model=model.state_dict(), recipe=dataclasses.asdict(recipe), metrics=metrics.to_json())
+    atomic_torch_save(ckpt.to_checkpoint(), out)
     resume_path.unlink(missing_ok=True)
     return metrics
 

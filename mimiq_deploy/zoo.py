@@ -26,6 +26,7 @@ from .families import family_of
 from .data import FMNIST_CLASSES
 from .errors import MimiqError
 from .io import load_torch_file
+from .run_dir import TeacherCheckpoint
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fmnist-vit"
@@ -158,7 +159,7 @@ def _load_into(model: nn.Module, sd: dict, what: str, name: str) -> None:
 
 def is_teacher_checkpoint(ckpt: dict) -> bool:
     """Written by `mimiq-deploy teacher train`: it carries its architecture and preprocessing."""
-    return isinstance(ckpt.get("arch"), dict) and isinstance(ckpt.get("pretrained_cfg"), dict) and "model" in ckpt
+    return TeacherCheckpoint.from_checkpoint(ckpt).is_teacher()
 
 
 def embedded_name(arch: dict) -> str:
@@ -168,12 +169,13 @@ def embedded_name(arch: dict) -> str:
 
 def teacher_from_checkpoint(ckpt: dict, what: str, name: str) -> nn.Module:
     """A Fashion-MNIST teacher at whatever family, width, depth, heads or stem the training recipe chose."""
+    teacher = TeacherCheckpoint.from_checkpoint(ckpt)
     try:
-        model = build_teacher(ckpt["arch"])
+        model = build_teacher(teacher.arch)
     except TypeError as e:  # an arch key the timm model does not know
         raise MimiqError(f"{what} has an architecture this version cannot build: {e}") from None
-    _load_into(model, ckpt["model"], what, name)
-    model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
+    _load_into(model, teacher.model, what, name)
+    model.pretrained_cfg = dict(teacher.pretrained_cfg)
     return model
 
 

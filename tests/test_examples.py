@@ -48,7 +48,7 @@ def test_examples_are_all_covered():
 
 
 @pytest.mark.slow
-def test_default_end_to_end_then_serving(tmp_path):
+def test_default_end_to_end_then_serve(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_FMNIST)
     (tmp_path / "export.toml").write_text(FAST_EXPORT)
     env = _env(RECIPE=str(tmp_path / "tiny.toml"), EXPORT_CONFIG=str(tmp_path / "export.toml"), VERIFY_LIMIT="300",
@@ -64,9 +64,39 @@ def test_default_end_to_end_then_serving(tmp_path):
     assert len(labels) == 10 and labels[0] == "T-shirt/top"
     assert 'label_filename: "labels.txt"' in (model_dir / "config.pbtxt").read_text()
 
-    served = _run([sys.executable, EXAMPLES / "serve_model_repository.py", run / "model_repository"], tmp_path, env)
-    top1 = float(served.stdout.split("top-1 ")[1].split("%")[0])
-    assert top1 > 70.0, served.stdout  # the tiny run's w4a8 student still classifies
+    # `mimiq-deploy serve` on the run (Triton on free localhost ports), and the example as its client
+    thttp = pytest.importorskip("tritonclient.http", reason="the serve extra: pip install 'mimiq-deploy[serve]'")
+    import socket
+    import time
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    http, grpc, metrics = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mimiq_deploy", "serve", run, "--http-port", http,
+                                   "--grpc-port", grpc, "--metrics-port", metrics], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    try:
+        client, deadline = thttp.InferenceServerClient(f"127.0.0.1:{http}"), time.monotonic() + 180
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if client.is_model_ready("fmnist_vit_w4a8"):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.5)
+        client.close()
+        for extra in ([], ["--grpc", "--url", f"127.0.0.1:{grpc}"]):
+            served = _run([sys.executable, EXAMPLES / "serve_model_repository.py", run, "--num", "200",
+                           *(extra or ["--url", f"127.0.0.1:{http}"])], tmp_path, env, timeout=300)
+            top1 = float(served.stdout.split("top-1 ")[1].split("%")[0])
+            assert top1 > 70.0, served.stdout  # the tiny run's w4a8 student still classifies, served
+    finally:
+        server.terminate()
+        assert server.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
 @pytest.mark.slow

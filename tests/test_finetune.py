@@ -9,8 +9,9 @@ import torch
 
 from conftest import CPU_ONLY_ENV
 import mimiq_deploy.finetune as ft
-from mimiq_deploy.finetune import FinetuneRecipe, finetune, had_loss, load_student
+from mimiq_deploy.finetune import FinetuneRecipe, finetune, had_loss
 from mimiq_deploy.quant import parse_bits, quant_modules
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.synthesize import SynthesisRecipe, synthesize
 
 TINY_FT = dict(epochs=2, batch_size=8, calib_images=16, milestones=[1])
@@ -39,7 +40,8 @@ def test_had_loss_is_zero_for_identical_heads_and_positive_otherwise():
 
 def test_finetune_writes_a_loadable_student(teacher, synth_dir, tmp_path, cli):
     run = _fresh_run(synth_dir, tmp_path, "w4a8")
-    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a8"), FinetuneRecipe(**TINY_FT), progress=False)
+    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a8"), FinetuneRecipe(**TINY_FT),
+                    progress=False).to_json()
     assert len(meta["history"]) == 2 and meta["history"][0]["had"] > 0
     student = load_student(run / "student.pt")
     quantizers = quant_modules(student)
@@ -55,7 +57,7 @@ def test_finetune_writes_a_loadable_student(teacher, synth_dir, tmp_path, cli):
 def test_ptq_is_calibration_only(teacher, synth_dir, tmp_path):
     run = _fresh_run(synth_dir, tmp_path, "ptq")
     meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w8a8"), FinetuneRecipe(**{**TINY_FT, "epochs": 0}),
-                    progress=False)
+                    progress=False).to_json()
     assert meta["history"] == []
     student = load_student(run / "student.pt")
     x = torch.randn(4, 1, 28, 28)
@@ -132,7 +134,7 @@ def test_token_weighted_had_loss():
 def test_finetune_options_token_weight_and_frozen_weight_scales(teacher, synth_dir, tmp_path):
     run = _fresh_run(synth_dir, tmp_path, "options")
     recipe = FinetuneRecipe(**{**TINY_FT, "epochs": 1}, had_token_weight=True, learn_weight_scales=False)
-    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a4"), recipe, progress=False)
+    meta = finetune(teacher, "fmnist-vit", None, run, parse_bits("w4a4"), recipe, progress=False).to_json()
     assert meta["history"][0]["had"] > 0
     student = load_student(run / "student.pt")
     calibrated = ft.build_student(teacher, parse_bits("w4a4"))  # weight step sizes before any training

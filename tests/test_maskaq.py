@@ -8,8 +8,9 @@ import torch
 import mimiq_deploy.finetune as ft
 import mimiq_deploy.synthesize as sy
 from mimiq_deploy.errors import MimiqError
-from mimiq_deploy.finetune import FinetuneRecipe, finetune, load_student, ptq_student, refreshed_images
+from mimiq_deploy.finetune import FinetuneRecipe, finetune, ptq_student, refreshed_images
 from mimiq_deploy.quant import parse_bits
+from mimiq_deploy.quant.student import load_student
 from mimiq_deploy.synthesize import (AttentionRecorder, SynthesisRecipe, informative_patches, load_synthetic,
                                      masked_attention_alignment, synthesize)
 
@@ -75,9 +76,9 @@ def test_alignment_with_the_student_in_the_loop(teacher, student, tmp_path):
     student.train()
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     recipe = dict(num_images=8, batch_size=8, steps=15, jitter=0)
-    plain = synthesize(teacher, "fmnist-vit", tmp_path / "plain", SynthesisRecipe(**recipe), progress=False)
+    plain = synthesize(teacher, "fmnist-vit", tmp_path / "plain", SynthesisRecipe(**recipe), progress=False).to_json()
     aligned = synthesize(teacher, "fmnist-vit", tmp_path / "aligned", SynthesisRecipe(**recipe, mask_align=5.0),
-                         progress=False, student=student, student_tag="w4a4 PTQ")
+                         progress=False, student=student, student_tag="w4a4 PTQ").to_json()
     assert plain["kind"] == "mimiq" and plain["student"] is None
     assert aligned["kind"] == "mimiq+maskaq" and aligned["student"] == "w4a4 PTQ"
     assert {"align", "student_top1"} <= set(aligned["final_losses"])
@@ -117,7 +118,7 @@ def test_refresh_during_finetuning_resumes_to_the_same_student(teacher, prior, t
     synth_recipe = SynthesisRecipe(**{**ALIGNED, "batch_size": 4})
     straight = _run(prior, tmp_path, "straight")
     meta = finetune(teacher, "fmnist-vit", None, straight, parse_bits("w4a4"), recipe, progress=False,
-                    synth_recipe=synth_recipe)
+                    synth_recipe=synth_recipe).to_json()
     assert meta["refresh_minutes"] > 0 and [h["epoch"] for h in meta["history"] if "refresh_s" in h] == [2, 3]
     for epoch in (1, 2):
         manifest = json.loads(sy.manifest_path(ft.refresh_dir(straight, epoch)).read_text())

@@ -76,7 +76,7 @@ def test_unsigned_fake_quant_equals_onnx_uint4():
 
 
 def test_attention_probabilities_take_an_unsigned_grid_below_8_bits(teacher, tmp_path):
-    from mimiq_deploy.finetune import build_student, load_student, save_student
+    from mimiq_deploy.quant.student import build_student, load_student, save_student
 
     for bits, unsigned in (("w3a3", True), ("w4a4", True), ("w4a8", False), ("w8a8", False)):
         student = build_student(teacher, parse_bits(bits))
@@ -128,7 +128,7 @@ def test_learned_step_sizes_stay_above_their_floor():
 
 
 def test_image_input_keeps_8_bits_and_older_students_keep_their_width(teacher, tmp_path):
-    from mimiq_deploy.finetune import build_student, load_student, save_student
+    from mimiq_deploy.quant.student import build_student, load_student, save_student
 
     student = build_student(teacher, parse_bits("w3a3"))
     quants = [q for q in student.modules() if isinstance(q, TensorQuantizer) and q.axis is None]

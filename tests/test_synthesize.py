@@ -39,7 +39,7 @@ def test_global_ssim_properties():
 
 def test_synthesis_resumes_to_the_same_shards(teacher, tmp_path, cpu_only):
     recipe = SynthesisRecipe(**TINY)
-    full = synthesize(teacher, "fmnist-vit", tmp_path / "a", recipe, progress=False)
+    full = synthesize(teacher, "fmnist-vit", tmp_path / "a", recipe, progress=False).to_json()
     assert full["complete"] and full["num_images_done"] == 10 and full["kind"] == "mimiq"
     assert {"ihc", "ce", "tv", "teacher_top1"} <= set(full["final_losses"])
     images, labels, _ = load_synthetic(tmp_path / "a")
@@ -56,10 +56,11 @@ def test_synthesis_resumes_to_the_same_shards(teacher, tmp_path, cpu_only):
 
 
 def test_ablation_switches(teacher, tmp_path):
-    base = synthesize(teacher, "fmnist-vit", tmp_path / "base", SynthesisRecipe(**TINY, ihc=False), progress=False)
+    base = synthesize(teacher, "fmnist-vit", tmp_path / "base", SynthesisRecipe(**TINY, ihc=False),
+                      progress=False).to_json()
     assert base["kind"] == "base" and "ihc" not in base["final_losses"]
     noise = synthesize(teacher, "fmnist-vit", tmp_path / "noise", SynthesisRecipe(**TINY, noise_only=True),
-                       progress=False)
+                       progress=False).to_json()
     assert noise["kind"] == "noise"
     images, _, _ = load_synthetic(tmp_path / "noise")
     assert 0.5 < images.std() < 1.5  # clamped Gaussian noise, untouched
@@ -105,7 +106,8 @@ def test_patch_entropy_term(teacher, tmp_path):
     same = tokens.clone()
     same[:, 1:] = tokens[:, 1:2]  # all patches alike: similarities all 1, no spread
     assert (patch_similarity_entropy(tokens, 1) > patch_similarity_entropy(same, 1) + 5).all()
-    manifest = synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY, patch_entropy=0.1), progress=False)
+    manifest = synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY, patch_entropy=0.1),
+                          progress=False).to_json()
     assert "entropy" in manifest["final_losses"] and manifest["recipe"]["patch_entropy"] == 0.1
 
 
@@ -117,7 +119,7 @@ def test_runs_from_before_an_option_existed_still_resume(teacher, tmp_path):
     del manifest["student"]
     manifest_path(tmp_path).write_text(json.dumps(manifest))
     shard_path(tmp_path, 2).unlink()
-    assert synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False)["complete"]
+    assert synthesize(teacher, "fmnist-vit", tmp_path, SynthesisRecipe(**TINY), progress=False).to_json()["complete"]
 
 
 def test_low_frequency_start_is_smooth_and_noise_sets_stay_white(teacher, tmp_path):

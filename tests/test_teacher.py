@@ -67,7 +67,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     arch = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=24, depth=2, num_heads=3,
                 mlp_ratio=2.0, stem="conv")
     recipe = TeacherRecipe(arch=arch, val_size=32, epochs=2, batch_size=32)
-    straight = train_teacher(recipe, tmp_path / "straight.pt", data_dir=tmp_path)
+    straight = train_teacher(recipe, tmp_path / "straight.pt", data_dir=tmp_path).to_json()
     assert len(straight["history"]) == 2 and straight["params"] > 0
 
     # Interrupt during epoch 2's validation: only epoch 1's state is on disk.
@@ -82,7 +82,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
         train_teacher(recipe, tmp_path / "resumed.pt", data_dir=tmp_path)
     assert (tmp_path / "resumed.pt.resume").exists() and not (tmp_path / "resumed.pt").exists()
     monkeypatch.setattr(teacher, "accuracy", real_accuracy)
-    resumed = train_teacher(recipe, tmp_path / "resumed.pt", data_dir=tmp_path)
+    resumed = train_teacher(recipe, tmp_path / "resumed.pt", data_dir=tmp_path).to_json()
     assert not (tmp_path / "resumed.pt.resume").exists()
     assert resumed["test_top1"] == straight["test_top1"]
     a = torch.load(tmp_path / "straight.pt", weights_only=True)["model"]

@@ -7,9 +7,12 @@ BACKENDS and never name a back end.
 """
 from .base import (Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner)
 from .onnxruntime import OnnxRuntimeBackend
+from .openvino import OpenVINOBackend
+from .pytorch import PyTorchBackend
 from .tensorrt import TensorRTBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (OnnxRuntimeBackend(), TensorRTBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (OnnxRuntimeBackend(), TensorRTBackend(), OpenVINOBackend(),
+                                                            PyTorchBackend())}
 
 __all__ = ["BACKENDS", "Backend", "BuildContext", "BuildResult", "ExportContext", "ExportedGraphs", "RepositoryEntry",
            "Runner"]

@@ -30,6 +30,31 @@ class QuantConfig:
     def name(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}"
 
+    @property
+    def effective(self) -> "QuantConfig":
+        """The setting as the quantizers apply it: the image at max(act_bits, input_bits), the unsigned
+        probability grid only below 8 bits. Two settings with the same effective one build the same student."""
+        return dataclasses.replace(self, input_bits=max(self.act_bits, self.input_bits), unsigned_probs=self.probs_unsigned)
+
+    def to_json(self) -> dict:
+        """The one serialized form of the setting; records holding it spread these keys at their top level."""
+        return {"bits": self.name, "input_bits": self.input_bits, "unsigned_probs": self.unsigned_probs}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "QuantConfig":
+        """The setting of a record holding to_json's keys (its other keys are ignored). Records written before
+        a key existed: no input_bits, the image was quantized at act_bits; no unsigned_probs, a signed grid."""
+        return cls._from_keys(**record)
+
+    @classmethod
+    def _from_keys(cls, bits: str | None = None, input_bits: int | None = None, unsigned_probs: bool | None = None,
+                   **_other_keys) -> "QuantConfig":
+        if not isinstance(bits, str):
+            raise MimiqError(f"a record holds no bit setting (bits: {bits!r})")
+        cfg = parse_bits(bits)
+        return dataclasses.replace(cfg, input_bits=cfg.act_bits if input_bits is None else input_bits,
+                                   unsigned_probs=bool(unsigned_probs))
+
 
 def parse_bits(bits: str) -> QuantConfig:
     m = re.fullmatch(r"w(\d)a(\d)", bits.strip().lower())

@@ -49,14 +49,9 @@ def _matmul(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -
     return q
 
 
-# Float module type -> converter into its fake-quant version (exact types: a subclass is not converted unless
-# registered). A model family with other layers registers them here, as ModelOpt's QuantModuleRegistry does.
+# Float module type -> converter(module, cfg, is_input_layer) into its fake-quant version (exact types: a
+# subclass is not converted unless listed). A model family with other layers adds them here.
 QUANT_MODULES = {nn.Linear: _weighted(QuantLinear), nn.Conv2d: _weighted(QuantConv2d), MatMul: _matmul}
-
-
-def register_quant_module(float_type: type, convert) -> None:
-    """convert(module, cfg, is_input_layer) -> the fake-quant replacement of a `float_type` module."""
-    QUANT_MODULES[float_type] = convert
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, names: list[str] | None = None) -> nn.Module:

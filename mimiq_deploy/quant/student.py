@@ -1,16 +1,13 @@
 """The fake-quant student: built from a teacher, calibrated, saved as student.pt and loaded back."""
 import copy
-import dataclasses
 from pathlib import Path
 
 from ..errors import MimiqError
 from ..families import family_of
-from ..io import atomic_torch_save, load_torch_file
+from ..run_dir import STUDENT_FORMAT, StudentCheckpoint
 from ..zoo import load_teacher
-from .config import QuantConfig, parse_bits
+from .config import QuantConfig
 from .convert import QUANT_MODULES, calibrate, quantize_model
-
-STUDENT_FORMAT = "mimiq-student-v1"
 
 
 def build_student(teacher, cfg: QuantConfig):
@@ -32,11 +29,11 @@ def ptq_student(teacher, cfg: QuantConfig, images):
 
 
 def save_student(path: Path, student, model_name: str, checkpoint: str | None, cfg: QuantConfig, meta: dict) -> None:
-    atomic_torch_save({"format": STUDENT_FORMAT, "model_name": model_name,
-                       "teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-                       "bits": cfg.name, "input_bits": cfg.input_bits,
-                       "unsigned_probs": cfg.unsigned_probs, "state_dict": student.state_dict(),
-                       "pretrained_cfg": dict(getattr(student, "pretrained_cfg", {}) or {}), "meta": meta}, path)
+    """student.pt: the student's weights, the teacher it was built from, its bit setting; meta: the fine-tuning record."""
+    StudentCheckpoint(format=STUDENT_FORMAT, model_name=model_name,
+                      teacher_checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None, **cfg.to_json(),
+                      state_dict=student.state_dict(), pretrained_cfg=dict(getattr(student, "pretrained_cfg", {}) or {}),
+                      meta=meta).save(path)
 
 
 def load_student(path: Path, trust: bool = False):
@@ -44,23 +41,17 @@ def load_student(path: Path, trust: bool = False):
 
     student.pt is always loaded without running code (mimiq-deploy writes only plain values);
     trust applies to the teacher checkpoint it names (`--trust-checkpoint`)."""
-    ckpt = load_torch_file(Path(path), "student checkpoint", own=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
-        raise MimiqError(f"{path} is not a mimiq-deploy student checkpoint (write one with `mimiq-deploy finetune`)")
-    teacher = load_teacher(ckpt["model_name"], ckpt["teacher_checkpoint"], trust=trust)
-    cfg = parse_bits(ckpt["bits"])
-    # students written before input_bits existed quantized the image at the activation width
-    cfg = dataclasses.replace(cfg, input_bits=ckpt.get("input_bits", cfg.act_bits),
-                              unsigned_probs=ckpt.get("unsigned_probs", False))  # so did their probabilities
-    student = build_student(teacher, cfg)
-    state = dict(ckpt["state_dict"])
+    ckpt = StudentCheckpoint.load(path)
+    teacher = load_teacher(ckpt.model_name, ckpt.teacher_checkpoint, trust=trust)
+    student = build_student(teacher, ckpt.quant)  # students of earlier versions: see StudentCheckpoint
+    state = dict(ckpt.state_dict)
     for name, value in student.state_dict().items():
         if name.endswith("scale_floor"):  # only used in training; absent from older checkpoints
             state.setdefault(name, value)
     try:
         student.load_state_dict(state)
     except RuntimeError:
-        raise MimiqError(f"{path} does not match the {ckpt['model_name']} teacher it names "
+        raise MimiqError(f"{path} does not match the {ckpt.model_name} teacher it names "
                          "(was the teacher checkpoint replaced?)") from None
-    student.model_name = ckpt["model_name"]
+    student.model_name = ckpt.model_name
     return student.eval()
