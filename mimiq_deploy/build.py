@@ -123,6 +123,7 @@ def write_model_repository(run_dir: RunDir, export: ExportRecord, artifacts: dic
     repo = run_dir.model_repository
     tmp = repo.with_name(repo.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)  # an empty repository where no back end offers an entry
     entries = [e for e in (b.repository_entry(artifacts, export, cfg) for b in BACKENDS.values()) if e]
     for entry in entries:
         name = f"{sig.name}_{entry.suffix}"

@@ -23,7 +23,7 @@ interleaved p50): batch 1 eager 438 ms, "default" 276 ms, "max-autotune-no-cudag
 "default" 3804, "max-autotune-no-cudagraphs" 3933 ms. Max-autotune only autotunes the attention bmm (the int8 GEMM
 stays an extern call to aten._int_mm in every mode) and took longer to compile (67 s against 43 s at batch 1);
 "reduce-overhead" differs from default by CUDA graphs only. CUDA hosts use the same mode (not measured: no GPU
-here). [pytorch] compile in the export config chooses another, or "off" (no -compiled artifacts).
+here). [pytorch] compile = "default" (or another mode) in the export config builds the -compiled artifacts; off by default.
 """
 import dataclasses
 import importlib.metadata
@@ -50,7 +50,9 @@ SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 @dataclasses.dataclass
 class PyTorchConfig:
     """[pytorch] of the export config."""
-    compile: str = "default"   # torch.compile mode of the -compiled artifacts, or "off": none built
+    compile: str = "off"       # torch.compile mode of the -compiled artifacts ("default": the mode measured best,
+                               # see above), or "off": none built. Off by default: compiling costs 40-70 s per
+                               # artifact on a 2-core CPU, at build and again whenever verify / bench / serve load it
     export: bool = True        # the torch.export program of each quantized artifact (-export, export/<name>.pt2)
 
     def __post_init__(self):
