@@ -49,8 +49,9 @@ def _run(teacher, root: Path, bits: str, overrides: dict, table: dict, synth_fro
 def runs(tmp_path_factory, teacher):
     root = tmp_path_factory.mktemp("pytorch")
     (root / "recipe.toml").write_text(TINY_FMNIST_RECIPE)
-    w8 = _run(teacher, root, "w8a8", {}, {"compile": "off"})
-    w4 = _run(teacher, root, "w4a8", {"epochs": 0}, {"compile": "off", "export": False}, synth_from=w8.root)
+    w8 = _run(teacher, root, "w8a8", {}, {"build": True, "compile": "off"})
+    w4 = _run(teacher, root, "w4a8", {"epochs": 0}, {"build": True, "compile": "off", "export": False},
+              synth_from=w8.root)
     return {"w8a8": w8, "w4a8": w4}
 
 

@@ -54,6 +54,8 @@ class PyTorchConfig:
                                # see above), or "off": none built. Off by default: compiling costs 40-70 s per
                                # artifact on a 2-core CPU, at build and again whenever verify / bench / serve load it
     export: bool = True        # the torch.export program of each quantized artifact (-export, export/<name>.pt2)
+    build: bool = False        # opt in ([pytorch] build = true): its eager integer kernels and torch.export cost
+                               # minutes per build, verify and bench on a 2-core CPU; the point of it is the GPU
 
     def __post_init__(self):
         if self.compile not in (*COMPILE_MODES, "off"):
@@ -127,6 +129,8 @@ class PyTorchBackend(Backend):
 
     def build_artifacts(self, ctx: BuildContext) -> BuildResult:
         rd, table = ctx.run_dir, ctx.config.backend(self.name)
+        if not table.build:
+            return BuildResult()
         student_path = rd.student
         qc = rd.read_student().quant
         input_size = list(Preprocessing.from_timm(ctx.export.pretrained_cfg).input_size)
