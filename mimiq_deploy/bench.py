@@ -113,7 +113,9 @@ def _speedups(rows: list[BenchRow], twins: dict) -> list[Speedup]:
     return out
 
 
-def format_bench(report: BenchRecord) -> str:
+def format_bench(report: BenchRecord | dict) -> str:
+    """bench's table; takes the record or bench()'s return value."""
+    report = BenchRecord.from_json(report) if isinstance(report, dict) else report
     lines = [f"{'artifact':<22} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9}"]
     for r in report.rows:
         lines.append(f"{r.artifact:<22} {r.batch:>5} {r.p50_ms:9.3f} {r.p90_ms:9.3f} {r.p99_ms:9.3f} "

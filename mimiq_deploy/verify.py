@@ -66,7 +66,9 @@ def verify(run_dir, val_dir: Path | None = None, data_dir: Path | None = None, l
     return record.to_json()
 
 
-def format_verify(report: VerifyRecord) -> str:
+def format_verify(report: VerifyRecord | dict) -> str:
+    """verify's table; takes the record or verify()'s return value."""
+    report = VerifyRecord.from_json(report) if isinstance(report, dict) else report
     lines = [f"verify on {report.dataset} ({report.n} images); fake-quant student top-1 {report.student_top1:.2f}%",
              f"{'artifact':<22} {'precision':<28} {'agree %':>8} {'cosine':>8} {'max err':>9} {'top-1 %':>8}  check"]
     for name, r in report.artifacts.items():
