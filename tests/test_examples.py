@@ -75,8 +75,8 @@ def test_default_end_to_end_then_serve(tmp_path):
     for s in socks:
         s.close()
     with open(tmp_path / "serve.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "mimiq_deploy", "serve", run, "--http-port", http,
-                                   "--grpc-port", grpc, "--metrics-port", metrics], stdout=log,
+        server = subprocess.Popen([sys.executable, "-m", "mimiq_deploy", "serve", str(run), "--http-port", str(http),
+                                   "--grpc-port", str(grpc), "--metrics-port", str(metrics)], stdout=log,
                                   stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     try:
         client, deadline = thttp.InferenceServerClient(f"127.0.0.1:{http}"), time.monotonic() + 180
