@@ -39,18 +39,22 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def host_encoding() -> tuple[str, str]:
-    """(encoding, reason) for ONNX Runtime on this CPU."""
+def exact_dot_products(flags=DOT_PRODUCT_FLAGS) -> tuple[list[str], str]:
+    """(the flags of this CPU among `flags` that sum int8 products exactly in 32 bits, why not where none);
+    MIMIQ_CPU_VNNI=1/0 pretends the host has / lacks them. Shared by the back ends that pick an int8 path."""
     forced = os.environ.get(ENV_VNNI)
     if forced is not None:
         if forced not in ("0", "1"):
             raise MimiqError(f"{ENV_VNNI}={forced!r}: set it to 1 (host has VNNI) or 0 (host lacks it)")
-        has = [f"{ENV_VNNI}={forced}"] if forced == "1" else []
-    else:
-        has = sorted(set(DOT_PRODUCT_FLAGS) & cpu_flags())
+        return ([f"{ENV_VNNI}={forced}"] if forced == "1" else []), f"{ENV_VNNI}=0"
+    return sorted(set(flags) & cpu_flags()), f"no {'/'.join(flags)} on this {platform.machine()} CPU"
+
+
+def host_encoding() -> tuple[str, str]:
+    """(encoding, reason) for ONNX Runtime on this CPU."""
+    has, why = exact_dot_products()
     if has:
         return "int8", f"CPU has {', '.join(has)}: int8 with zero point 0 runs ORT's exact, fastest u8s8 kernels"
-    why = f"{ENV_VNNI}=0" if forced is not None else f"no {'/'.join(DOT_PRODUCT_FLAGS)} on this {platform.machine()} CPU"
     return "uint8", (f"{why}: uint8 with zero point 128, since without VNNI ORT's u8s8 kernels sum in saturating "
                      "16-bit pairs (inexact) and its u8u8 kernels do not")
 

@@ -22,7 +22,7 @@ from ...onnx_graph import constants, read_onnx, save_onnx
 from ...qdq_rules import QDQ, is_weight_dq
 from ...run_dir import FLOAT_ONNX, QDQ_ONNX, Artifact
 from ..base import Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner
-from ..onnxruntime.encoding import ENV_VNNI, cpu_flags
+from ..onnxruntime.encoding import exact_dot_products
 from .graph import INT4, INT8_MODES, has_int4_activations, openvino_graph, runtime_precisions
 
 OV_ONNX = "model_qdq.openvino.onnx"   # the QDQ graph OpenVINO compiles (run_dir/export)
@@ -90,16 +90,9 @@ def _import_openvino():
 
 def host_int8() -> tuple[str, str]:
     """(int8 mode, reason) for OpenVINO on this CPU; MIMIQ_CPU_VNNI=1/0 pretends it has / lacks VNNI."""
-    forced = os.environ.get(ENV_VNNI)
-    if forced is not None:
-        if forced not in ("0", "1"):
-            raise MimiqError(f"{ENV_VNNI}={forced!r}: set it to 1 (host has VNNI) or 0 (host lacks it)")
-        has = [f"{ENV_VNNI}={forced}"] if forced == "1" else []
-    else:
-        has = sorted(set(VNNI_FLAGS) & cpu_flags())
+    has, why = exact_dot_products(VNNI_FLAGS)
     if has:
         return "all", f"CPU has {', '.join(has)}: int8 products are summed in 32 bits, every int8 layer is exact"
-    why = f"{ENV_VNNI}=0" if forced is not None else f"no {'/'.join(VNNI_FLAGS)} on this CPU"
     return "exact", (f"{why}: its int8 kernels sum u8 x s8 products in saturating 16-bit pairs, so only layers "
                      "with weights of at most 7 bits run in int8, the others in float")
 
