@@ -9,7 +9,6 @@ bf16 units, for the FP32 twin too).
 """
 import collections
 import dataclasses
-import os
 import time
 from pathlib import Path
 
