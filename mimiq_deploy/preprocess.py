@@ -9,7 +9,7 @@ A raw image (uint8 HW, HWC or CHW array, or PNG / JPEG bytes) becomes the model'
    `verify` (data.normalize_uint8), so an image served raw gives the logits of the same image sent
    preprocessed, to the bit.
 
-`serve` applies it inside the server to raw-image requests; clients that send the float tensor themselves
+`serve` applies it inside the server to each raw-image request; clients that send the float tensor themselves
 (examples/, benchmarks/) call the same functions. Every refusal is an ImageError whose message is meant for the
 client that sent the image.
 """
