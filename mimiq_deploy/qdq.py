@@ -4,16 +4,26 @@ DequantizeLinear; one on an activation becomes QuantizeLinear -> DequantizeLinea
 variants start here (export.py traces, the back ends lower with the options their engine wants)."""
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import MimiqError
 from .onnx_graph import consumers, initializers, raise_opset, replace_nodes
-from .quant.quantizer import qrange
+from .quant.quantizer import qrange, to_grid
 
 
-def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False, unsigned: bool = False) -> TensorProto:
+def _fp8_tensor(name: str, codes: np.ndarray) -> TensorProto:
+    """Values on the E4M3FN grid as a FLOAT8E4M3FN tensor, cast by torch (the bytes the student rounds to)."""
+    raw = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32)).to(torch.float8_e4m3fn).view(torch.uint8)
+    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, codes.shape, raw.numpy().tobytes(), raw=True)
+
+
+def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False, unsigned: bool = False,
+                fp8: bool = False) -> TensorProto:
     """Signed codes as INT8 / INT4; with uint8, 8-bit codes shifted by 128 (zero point 128): the same values.
-    unsigned: codes of an unsigned grid as UINT4 (only 4-bit activations have one)."""
+    unsigned: codes of an unsigned grid as UINT4 (only 4-bit activations have one). fp8: E4M3FN codes."""
+    if fp8:
+        return _fp8_tensor(name, codes)
     if unsigned:
         return helper.make_tensor(name, TensorProto.UINT4, codes.shape, codes.astype(np.uint8).flatten().tolist())
     if bits == 8 and uint8:
@@ -23,19 +33,22 @@ def _int_tensor(name: str, codes: np.ndarray, bits: int, uint8: bool = False, un
     return helper.make_tensor(name, TensorProto.INT4, codes.shape, codes.astype(np.int8).flatten().tolist())
 
 
-def _zero_point(name: str, bits: int, shape=(), uint8: bool = False, unsigned: bool = False) -> TensorProto:
-    return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits, uint8, unsigned)
+def _zero_point(name: str, bits: int, shape=(), uint8: bool = False, unsigned: bool = False,
+                fp8: bool = False) -> TensorProto:
+    """Zero point 0 of the codes' type (its type is what QuantizeLinear's output type follows)."""
+    return _int_tensor(name, np.zeros(shape, dtype=np.int8), bits, uint8, unsigned, fp8)
 
 
 def _lower_weight(node, scale, w, bits: int, narrow: bool, axis: int, follow: list, block_size: int | None,
-                  uint8: bool) -> tuple[list, list, onnx.NodeProto | None]:
-    """A placeholder on a weight: its integer codes feeding one DequantizeLinear.
+                  uint8: bool, fp8: bool = False) -> tuple[list, list, onnx.NodeProto | None]:
+    """A placeholder on a weight: its integer (or FP8) codes feeding one DequantizeLinear.
     Returns (nodes, initializers, the Transpose it absorbed or None)."""
     out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
-    qmin, qmax = qrange(bits, narrow)
+    qmin, qmax = qrange(bits, narrow, fp8=fp8)
     shape = [1] * w.ndim
     shape[axis] = -1
-    codes = np.clip(np.rint(w / scale.reshape(shape)), qmin, qmax)  # float32 division, as torch
+    # float32 division, as torch; then the student's own rounding
+    codes = to_grid(torch.from_numpy(w / scale.reshape(shape)), qmin, qmax, fp8).numpy()
     full_scale = np.broadcast_to(scale.reshape(shape), w.shape)
     absorbed = None
     if (w.ndim == 2 and len(follow) == 1 and follow[0].op_type == "Transpose"
@@ -53,19 +66,21 @@ def _lower_weight(node, scale, w, bits: int, narrow: bool, axis: int, follow: li
             dq_attrs = {"axis": in_axis, "block_size": block}
         else:
             store_bits = 8  # INT4 codes in an INT8 container: same values, convs have no INT4 path
-    inits = [_int_tensor(f"{tag}_codes", codes, store_bits, uint8),
+    inits = [_int_tensor(f"{tag}_codes", codes, store_bits, uint8, fp8=fp8),
              numpy_helper.from_array(scale_arr.astype(np.float32), f"{tag}_scale"),
-             _zero_point(f"{tag}_zp", store_bits, scale_arr.shape, uint8)]
+             _zero_point(f"{tag}_zp", store_bits, scale_arr.shape, uint8, fp8=fp8)]
     nodes = [helper.make_node("DequantizeLinear", [f"{tag}_codes", f"{tag}_scale", f"{tag}_zp"], [out],
                               name=f"{tag}_DequantizeLinear", **dq_attrs)]
     return nodes, inits, absorbed
 
 
-def _lower_activation(node, x: str, scale, bits: int, uint8: bool, unsigned: bool) -> tuple[list, list]:
-    """A placeholder on an activation: per-tensor QuantizeLinear -> DequantizeLinear."""
+def _lower_activation(node, x: str, scale, bits: int, uint8: bool, unsigned: bool,
+                      fp8: bool = False) -> tuple[list, list]:
+    """A placeholder on an activation: per-tensor QuantizeLinear -> DequantizeLinear (FP8: saturating, the
+    default of QuantizeLinear, as the student)."""
     out, tag = node.output[0], node.output[0].replace("/", "_").strip("_") or node.name
     inits = [numpy_helper.from_array(scale.reshape(()).astype(np.float32), f"{tag}_scale"),
-             _zero_point(f"{tag}_zp", bits, (), uint8, unsigned)]
+             _zero_point(f"{tag}_zp", bits, (), uint8, unsigned, fp8)]
     nodes = [helper.make_node("QuantizeLinear", [x, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
                               name=f"{tag}_QuantizeLinear"),
              helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [out],
@@ -73,11 +88,12 @@ def _lower_activation(node, x: str, scale, bits: int, uint8: bool, unsigned: boo
     return nodes, inits
 
 
-def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int, bool]:
-    """(input, scale, bits, narrow, axis, unsigned) of a `mimiq::FakeQuant` node, refused where ONNX has no
+def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int, bool, bool]:
+    """(input, scale, bits, narrow, axis, unsigned, fp8) of a `mimiq::FakeQuant` node, refused where ONNX has no
     type for it."""
     bits, narrow, axis = (helper.get_node_attr_value(node, a) for a in ("bits", "narrow", "axis"))
     unsigned = any(a.name == "unsigned" and a.i for a in node.attribute)
+    fp8 = any(a.name == "fp8" and a.i for a in node.attribute)
     narrow = bool(narrow)
     if bits not in (4, 8):
         raise MimiqError(f"{bits}-bit tensors have no ONNX integer type: export supports INT8 and INT4 "
@@ -87,7 +103,7 @@ def _placeholder(node, inits: dict) -> tuple[str, np.ndarray, int, bool, int, bo
     x, s = node.input
     if s not in inits:
         raise MimiqError(f"scale of {node.name} is not a constant")
-    return x, numpy_helper.to_array(inits[s]).astype(np.float32), bits, narrow, axis, unsigned
+    return x, numpy_helper.to_array(inits[s]).astype(np.float32), bits, narrow, axis, unsigned, fp8
 
 
 def lower_fake_quant(model: onnx.ModelProto, block_size: int | None = None, weight_only: bool = False,
@@ -97,7 +113,8 @@ def lower_fake_quant(model: onnx.ModelProto, block_size: int | None = None, weig
     block_size: INT4 MatMul/Gemm weights block-wise along the input dimension (TensorRT's INT4 and ORT's
     MatMulNBits), INT4 conv weights in an INT8 container (same values); None: INT4 per output channel.
     weight_only drops activation quantization (INT4 weights, float activations). uint8: 8-bit tensors
-    stored as uint8 with zero point 128 instead of int8 with zero point 0 (exactly the same values).
+    stored as uint8 with zero point 128 instead of int8 with zero point 0 (exactly the same values); FP8
+    placeholders are always FLOAT8E4M3FN with zero point 0.
     """
     inits, users = initializers(model), consumers(model)
     dropped, nodes, new_inits, rename = set(), [], [], {}
@@ -107,18 +124,18 @@ def lower_fake_quant(model: onnx.ModelProto, block_size: int | None = None, weig
         if node.domain != "mimiq":
             nodes.append(node)
             continue
-        x, scale, bits, narrow, axis, unsigned = _placeholder(node, inits)
+        x, scale, bits, narrow, axis, unsigned, fp8 = _placeholder(node, inits)
         if x in inits:  # a weight: store its integer codes
             w = numpy_helper.to_array(inits[x]).astype(np.float32)
             lowered, added, absorbed = _lower_weight(node, scale, w, bits, narrow, axis, users[node.output[0]],
-                                                     block_size, uint8)
+                                                     block_size, uint8 and not fp8, fp8)
             if absorbed is not None:
                 dropped.add(id(absorbed))
         elif weight_only:
             rename[node.output[0]] = x
             continue
         else:
-            lowered, added = _lower_activation(node, x, scale, bits, uint8, unsigned)
+            lowered, added = _lower_activation(node, x, scale, bits, uint8 and not fp8, unsigned, fp8)
         nodes += lowered
         new_inits += added
     for node in nodes:  # weight-only: readers of a dropped activation placeholder read its input

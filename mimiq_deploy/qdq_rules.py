@@ -8,6 +8,7 @@ from .onnx_graph import constants, consumers as consumers_of, producers as produ
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FLOAT_ONLY = ("LayerNormalization", "Softmax")  # never fed by a DQ: they run in float
+FP8 = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ)
 
 
 def is_residual_add(node, producers, consts) -> bool:
@@ -49,6 +50,10 @@ def common_violations(model: onnx.ModelProto, uint8_zero_point_128: bool) -> lis
         if not is_weight_dq(node, consts):
             if scale_name in consts and numpy_helper.to_array(consts[scale_name]).size != 1:
                 problems.append(f"{node.name}: activation scale is not per-tensor")
+        if node.op_type == "QuantizeLinear" and zero_point_type(node, consts) in FP8 and any(
+                a.name == "saturate" and a.i == 0 for a in node.attribute):
+            problems.append(f"{node.name}: FP8 QuantizeLinear with saturate=0 (values past the FP8 range become "
+                            "NaN / inf; the student saturates)")
         if node.op_type == "QuantizeLinear":
             src = producers.get(node.input[0])
             if src is not None and is_residual_add(src, producers, consts):

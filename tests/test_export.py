@@ -100,6 +100,56 @@ def test_weight_codes_are_the_students_integers(teacher, tmp_path):
     assert len(stored) == 1 and np.array_equal(stored[0].astype(np.float32), ours.T)
 
 
+def test_fp8_graphs_hold_the_students_e4m3_codes(teacher, tmp_path):
+    """fp8: FLOAT8E4M3FN weights and activations in both the ONNX Runtime graph (run here, dequantized to float)
+    and TensorRT's FP16 graph; OpenVINO refuses it in one line."""
+    torch.manual_seed(0)
+    student = _student(teacher, "fp8", torch.randn(32, 1, 28, 28))
+    manifest = export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    assert "fp8" in manifest["notes"]["openvino"] and "tensorrt" not in manifest["notes"]
+    for graph, target in ((QDQ_ONNX, "onnxruntime"), (TRT_ONNX, "tensorrt")):
+        model = onnx.load(str(tmp_path / "export" / graph))
+        assert check_graph(model, target) == [], graph
+        inits = {t.name: t for t in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq and {inits[n.input[2]].data_type for n in qdq} == {TensorProto.FLOAT8E4M3FN}, graph
+        assert {inits[n.input[0]].data_type for n in qdq if n.input[0] in inits} == {TensorProto.FLOAT8E4M3FN}
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "export" / QDQ_ONNX)).graph.initializer}
+    fc1 = student.blocks[0].mlp.fc1
+    ours = (fc1.weight / fc1.weight_quant.scale.view(-1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    stored = [v for k, v in inits.items() if k.endswith("_codes") and "blocks.0" in k and "fc1" in k]
+    assert len(stored) == 1 and np.array_equal(stored[0].astype(np.float32), ours.detach().numpy().T)
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        ref = student(x).numpy()
+    out = ort.InferenceSession(str(tmp_path / "export" / QDQ_ONNX), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999 and (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def test_fp8_check_rules(teacher, tmp_path):
+    """Saturation, E4M3FN only for TensorRT, and no FP8 into softmax."""
+    student = _student(teacher, "fp8", torch.randn(8, 1, 28, 28))
+    export_student(student, tmp_path, ExportConfig(), progress=lambda m: None)
+    model = onnx.load(str(tmp_path / "export" / TRT_ONNX))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    q.attribute.append(onnx.helper.make_attribute("saturate", 0))
+    assert any("saturate=0" in v for v in check_graph(model, "tensorrt"))
+    model = onnx.load(str(tmp_path / "export" / TRT_ONNX))
+    zp = next(t for t in model.graph.initializer if t.name == next(
+        n for n in model.graph.node if n.op_type == "QuantizeLinear").input[2])
+    zp.data_type = TensorProto.FLOAT8E5M2
+    assert any("FLOAT8E5M2" in v for v in check_graph(model, "tensorrt"))
+    assert not any("FLOAT8E5M2" in v for v in check_graph(model, "onnxruntime"))  # ORT runs E5M2 too
+    model = onnx.load(str(tmp_path / "export" / QDQ_ONNX))
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in
+              {t.name for t in model.graph.initializer})
+    softmax.input[0] = dq.output[0]
+    assert any("feeds Softmax" in v for v in check_graph(model, "onnxruntime"))
+
+
 def test_deit_tiny_graph_passes_tensorrt_check(tmp_path):
     torch.manual_seed(0)
     teacher = capture_attention(timm.create_model("deit_tiny_patch16_224", pretrained=False)).eval()

@@ -75,6 +75,67 @@ def test_unsigned_fake_quant_equals_onnx_uint4():
     assert (q.qmin, q.qmax) == (0, 15) and codes.min() == 0 and codes.max() == 15
 
 
+def _ort_fp8_qdq(x: np.ndarray, scale: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(E4M3FN codes as float32, dequantized values) from ONNX Runtime's FP8 QuantizeLinear -> DequantizeLinear."""
+    attrs = {"axis": axis} if axis is not None else {}
+    zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, scale.shape, bytes(scale.size), raw=True)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], **attrs),
+             helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape),
+         helper.make_tensor_value_info("codes", TensorProto.FLOAT, x.shape)],
+        [numpy_helper.from_array(scale.astype(np.float32), "scale"), zp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    y, codes = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return codes, y
+
+
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_fp8_fake_quant_equals_onnx_fp8_qdq(kind):
+    """E4M3FN: the student's fake quant is ONNX Runtime's FP8 Q -> DQ to the bit, saturating at +-448 steps."""
+    torch.manual_seed(0)
+    if kind == "activation":
+        x, q, axis = torch.randn(4, 50, 64) * 3, TensorQuantizer(8, narrow=False, fp8=True), None
+        q.scale.data.fill_(0.004)  # |x| / s reaches ~3000: far past 448, saturated
+    else:
+        x, axis = torch.randn(48, 64) * torch.rand(48, 1), 0
+        q = TensorQuantizer(8, narrow=True, axis=0, channels=48, fp8=True)
+        q.init_from_weight(x)
+        x = x * 4
+    s = q._broadcast_scale(x).detach()
+    # subnormals (below 2^-6) and values half-way between two FP8 neighbours (1 + 1/16: between 1 and 1.125)
+    x.view(-1)[:6] = torch.tensor([2 ** -9, 3 * 2 ** -10, 1.0625, 1.1875, -1.0625, 500.0]) * s.reshape(-1)[0]
+    ours = q(x).detach().numpy()
+    codes, theirs = _ort_fp8_qdq(x.numpy(), q.scale.detach().numpy(), axis)
+    assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
+    assert np.abs(codes).max() == 448 and q.qmax == 448
+    assert codes.reshape(-1)[2:5].tolist() == [1.0, 1.25, -1.0]  # ties to the even mantissa
+    assert len(np.unique(codes)) <= 253  # at most the finite E4M3FN values
+
+
+def test_fp8_lsq_gradients_are_straight_through():
+    q = TensorQuantizer(8, narrow=False, fp8=True)
+    q.scale.data.fill_(0.01)
+    x = torch.tensor([0.013, -1.0, 5.0, -7.0], requires_grad=True)  # /s: 1.3, -100 inside; 500, -700 saturate
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+    v = x.detach() / 0.01
+    grid = v[:2].to(torch.float8_e4m3fn).float()
+    expected = ((grid - v[:2]).sum() + 448 - 448) / (4 * 448) ** 0.5
+    assert torch.isclose(q.scale.grad, expected)
+
+
+def test_fp8_setting_makes_fp8_quantizers_everywhere(teacher):
+    from mimiq_deploy.quant.student import build_student
+    cfg = parse_bits("fp8")
+    assert cfg.name == "fp8" and QuantConfig.from_json(cfg.to_json()) == cfg and not cfg.probs_unsigned
+    quants = [m for m in build_student(teacher, cfg).modules() if isinstance(m, TensorQuantizer)]
+    assert quants and all(q.fp8 and q.qmax == 448 and not q.unsigned for q in quants)
+
+
 def test_attention_probabilities_take_an_unsigned_grid_below_8_bits(teacher, tmp_path):
     from mimiq_deploy.quant.student import build_student, load_student, save_student
 
@@ -109,7 +170,8 @@ def test_lsq_gradients():
 def test_parse_bits():
     assert parse_bits("w4a8") == QuantConfig(4, 8)
     assert parse_bits("W8A8").name == "w8a8"
-    for bad in ("w1a8", "w4a9", "int8", "w16a16"):
+    assert parse_bits("FP8") == QuantConfig(8, 8, fp8=True)
+    for bad in ("w1a8", "w4a9", "int8", "w16a16", "fp4", "fp16"):
         with pytest.raises(MimiqError, match="unsupported bit setting"):
             parse_bits(bad)
 

@@ -1,4 +1,5 @@
-"""Bit settings: `wXaY` (X-bit weights, Y-bit activations), 2 <= X, Y <= 8."""
+"""Bit settings: `wXaY` (X-bit weights, Y-bit activations), 2 <= X, Y <= 8, and `fp8` (FP8 E4M3 weights and
+activations: what TensorRT and ModelOpt recommend for ViTs on Hopper and Ada GPUs)."""
 import dataclasses
 import re
 
@@ -21,14 +22,17 @@ class QuantConfig:
     # (benchmarks/RESULTS.md, "Low bits"). 8-bit activations stay signed: TensorRT takes int8 only,
     # and 128 levels are plenty.
     unsigned_probs: bool = True
+    # FP8 E4M3FN codes instead of integers (weight_bits = act_bits = 8): per-channel weight scales, per-tensor
+    # activation scales, zero point 0, as the integer scheme.
+    fp8: bool = False
 
     @property
     def probs_unsigned(self) -> bool:
-        return self.unsigned_probs and self.act_bits < 8
+        return self.unsigned_probs and self.act_bits < 8 and not self.fp8
 
     @property
     def name(self) -> str:
-        return f"w{self.weight_bits}a{self.act_bits}"
+        return "fp8" if self.fp8 else f"w{self.weight_bits}a{self.act_bits}"
 
     @property
     def effective(self) -> "QuantConfig":
@@ -57,7 +61,10 @@ class QuantConfig:
 
 
 def parse_bits(bits: str) -> QuantConfig:
+    if bits.strip().lower() == "fp8":
+        return QuantConfig(8, 8, fp8=True)
     m = re.fullmatch(r"w(\d)a(\d)", bits.strip().lower())
     if not m or not all(2 <= int(b) <= 8 for b in m.groups()):
-        raise MimiqError(f"unsupported bit setting {bits!r}: use wXaY with 2 <= X, Y <= 8 (e.g. w4a4, w4a8, w8a8)")
+        raise MimiqError(f"unsupported bit setting {bits!r}: use wXaY with 2 <= X, Y <= 8 (e.g. w4a4, w4a8, w8a8), "
+                         "or fp8")
     return QuantConfig(int(m.group(1)), int(m.group(2)))

@@ -35,8 +35,9 @@ def _weighted(cls):
         q.__dict__.update(module.__dict__)  # same parameters and settings, new forward
         q._modules = dict(module._modules)
         q.input_quant = TensorQuantizer(max(cfg.act_bits, cfg.input_bits) if is_input_layer else cfg.act_bits,
-                                        narrow=False)
-        q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0])
+                                        narrow=False, fp8=cfg.fp8)
+        q.weight_quant = TensorQuantizer(cfg.weight_bits, narrow=True, axis=0, channels=module.weight.shape[0],
+                                         fp8=cfg.fp8)
         q.weight_quant.init_from_weight(module.weight)
         return q
     return convert
@@ -44,8 +45,9 @@ def _weighted(cls):
 
 def _matmul(module: nn.Module, cfg: QuantConfig, is_input_layer: bool = False) -> nn.Module:
     q = QuantMatMul(module.a_nonnegative)
-    q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False, unsigned=module.a_nonnegative and cfg.probs_unsigned)
-    q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False)
+    q.a_quant = TensorQuantizer(cfg.act_bits, narrow=False, unsigned=module.a_nonnegative and cfg.probs_unsigned,
+                                fp8=cfg.fp8)
+    q.b_quant = TensorQuantizer(cfg.act_bits, narrow=False, fp8=cfg.fp8)
     return q
 
 

@@ -2,6 +2,8 @@
 
 Forward is exactly QuantizeLinear -> DequantizeLinear of ONNX: q = saturate(round_half_even(x / s)),
 y = q * s, computed in float32 with the same division, so exported graphs reproduce the codes.
+FP8 (E4M3FN) is the same with the rounding to the FP8 grid: saturate to +-448, then a float8 cast (round half
+to even, as ONNX QuantizeLinear with saturate=1 does).
 Backward is LSQ (Esser et al. 2020): straight-through inside the range, and the step size
 gradient scaled by 1 / sqrt(numel * qmax).
 """
@@ -16,24 +18,37 @@ from torch import nn
 SCALE_FLOOR = 0.1
 
 
-def qrange(bits: int, narrow: bool, unsigned: bool = False) -> tuple[int, int]:
+FP8_MAX = 448  # the largest finite E4M3FN value: FP8 codes saturate there
+
+
+def qrange(bits: int, narrow: bool, unsigned: bool = False, fp8: bool = False) -> tuple[int, int]:
     """Signed integer range: narrow (+-(2^(b-1)-1)) for weights, full for activations;
-    unsigned: [0, 2^b - 1] (a non-negative tensor, e.g. attention probabilities)."""
+    unsigned: [0, 2^b - 1] (a non-negative tensor, e.g. attention probabilities); fp8: +-448 (E4M3FN)."""
+    if fp8:
+        return -FP8_MAX, FP8_MAX
     if unsigned:
         return 0, 2 ** bits - 1
     qmax = 2 ** (bits - 1) - 1
     return (-qmax if narrow else -qmax - 1), qmax
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def to_grid(v: torch.Tensor, qmin: int, qmax: int, fp8: bool = False) -> torch.Tensor:
+    """x / scale -> its code (as a float): round half to even then saturate; fp8: saturate, then the float8
+    cast (round half to even to the E4M3FN grid; the cast alone would turn values past 448 into NaN)."""
+    if fp8:
+        return torch.clamp(v, qmin, qmax).to(torch.float8_e4m3fn).to(v.dtype)
+    return torch.clamp(torch.round(v), qmin, qmax)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, fp8: bool = False) -> torch.Tensor:
     """QuantizeLinear -> DequantizeLinear with zero point 0 (no gradient)."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return to_grid(x / scale, qmin, qmax, fp8) * scale
 
 
 CALIBRATION_METHODS = ("mse", "minmax", "p99.99", "p99.9", "p99")
 
 
-def activation_step(x: torch.Tensor, qmin: int, qmax: int, method: str = "mse") -> torch.Tensor:
+def activation_step(x: torch.Tensor, qmin: int, qmax: int, method: str = "mse", fp8: bool = False) -> torch.Tensor:
     """Step size of a per-tensor activation quantizer from samples x.
 
     mse: the clipping (10 %..100 % of max |x|) that minimizes the tensor's quantization MSE;
@@ -46,15 +61,15 @@ def activation_step(x: torch.Tensor, qmin: int, qmax: int, method: str = "mse") 
     if method != "mse":
         raise ValueError(f"unknown calibration method {method!r} (one of {', '.join(CALIBRATION_METHODS)})")
     candidates = [amax * r / qmax for r in torch.linspace(0.1, 1.0, 46)]
-    errors = [(fake_quant(x, s, qmin, qmax) - x).pow(2).mean() for s in candidates]
+    errors = [(fake_quant(x, s, qmin, qmax, fp8) - x).pow(2).mean() for s in candidates]
     return candidates[int(torch.stack(errors).argmin())]
 
 
 class _LsqFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, grad_scale):
+    def forward(ctx, x, scale, qmin, qmax, grad_scale, fp8=False):
         v = x / scale
-        q = torch.clamp(torch.round(v), qmin, qmax)
+        q = to_grid(v, qmin, qmax, fp8)
         ctx.save_for_backward(v, q)
         ctx.grad_scale, ctx.qmin, ctx.qmax, ctx.scale_shape = grad_scale, qmin, qmax, scale.shape
         return q * scale
@@ -69,19 +84,20 @@ class _LsqFakeQuant(torch.autograd.Function):
         dims = [d for d in range(grad.dim()) if d >= len(ctx.scale_shape) or ctx.scale_shape[d] == 1] \
             if len(ctx.scale_shape) else list(range(grad.dim()))
         grad_s = grad_s.sum(dim=dims, keepdim=True) if dims else grad_s
-        return grad_x, grad_s.reshape(ctx.scale_shape), None, None, None
+        return grad_x, grad_s.reshape(ctx.scale_shape), None, None, None, None
 
 
 class _OnnxFakeQuant(torch.autograd.Function):
     """Placeholder node `mimiq::FakeQuant` in exported graphs; export.py lowers it to Q/DQ."""
 
     @staticmethod
-    def forward(ctx, x, scale, bits: int, narrow: int, axis: int, unsigned: int):
+    def forward(ctx, x, scale, bits: int, narrow: int, axis: int, unsigned: int, fp8: int):
         return x.clone()  # a fresh tensor: the tracer cannot record an op that returns its input
 
     @staticmethod
-    def symbolic(g, x, scale, bits, narrow, axis, unsigned):
-        out = g.op("mimiq::FakeQuant", x, scale, bits_i=bits, narrow_i=narrow, axis_i=axis, unsigned_i=unsigned)
+    def symbolic(g, x, scale, bits, narrow, axis, unsigned, fp8):
+        out = g.op("mimiq::FakeQuant", x, scale, bits_i=bits, narrow_i=narrow, axis_i=axis, unsigned_i=unsigned,
+                   fp8_i=fp8)
         out.setType(x.type())  # shape and dtype pass through (convolution export needs them)
         return out
 
@@ -91,12 +107,14 @@ class TensorQuantizer(nn.Module):
 
     axis None: one scale per tensor (activations); axis 0: one per output channel (weights).
     unsigned: codes [0, 2^b - 1] for a tensor known to be non-negative (zero point 0 all the same).
+    fp8: E4M3FN codes (bits is 8; narrow and unsigned do not apply).
     """
 
-    def __init__(self, bits: int, narrow: bool, axis: int | None = None, channels: int = 1, unsigned: bool = False):
+    def __init__(self, bits: int, narrow: bool, axis: int | None = None, channels: int = 1, unsigned: bool = False,
+                 fp8: bool = False):
         super().__init__()
-        self.bits, self.narrow, self.axis, self.unsigned = bits, narrow, axis, unsigned
-        self.qmin, self.qmax = qrange(bits, narrow, unsigned)
+        self.bits, self.narrow, self.axis, self.unsigned, self.fp8 = bits, narrow, axis, unsigned and not fp8, fp8
+        self.qmin, self.qmax = qrange(bits, narrow, self.unsigned, fp8)
         self.scale = nn.Parameter(torch.ones(channels if axis is not None else ()))
         self.register_buffer("scale_floor", torch.zeros(channels if axis is not None else ()))
         self.enabled = True
@@ -118,10 +136,10 @@ class TensorQuantizer(nn.Module):
             return x
         if torch.onnx.is_in_onnx_export():
             return _OnnxFakeQuant.apply(x, self.scale, self.bits, int(self.narrow), -1 if self.axis is None else self.axis,
-                                        int(self.unsigned))
+                                        int(self.unsigned), int(self.fp8))
         scale = self._broadcast_scale(x)
         per_scale = x.numel() / max(1, self.scale.numel())
-        return _LsqFakeQuant.apply(x, scale, self.qmin, self.qmax, 1.0 / math.sqrt(per_scale * self.qmax))
+        return _LsqFakeQuant.apply(x, scale, self.qmin, self.qmax, 1.0 / math.sqrt(per_scale * self.qmax), self.fp8)
 
     # --- calibration: step size from observed tensors before training ---
     def _collect(self, x: torch.Tensor) -> None:
@@ -138,7 +156,7 @@ class TensorQuantizer(nn.Module):
         best, best_err = amax / self.qmax, None
         for ratio in torch.linspace(0.5, 1.0, 26):
             s = (amax * ratio / self.qmax).unsqueeze(1)
-            err = (fake_quant(w, s, self.qmin, self.qmax) - w).pow(2).mean(1)
+            err = (fake_quant(w, s, self.qmin, self.qmax, self.fp8) - w).pow(2).mean(1)
             if best_err is None:
                 best_err = err
             else:
@@ -156,7 +174,7 @@ class TensorQuantizer(nn.Module):
             return
         x = torch.cat(self._samples)
         self._samples = []
-        self.scale.copy_(activation_step(x, self.qmin, self.qmax, method).reshape(self.scale.shape))
+        self.scale.copy_(activation_step(x, self.qmin, self.qmax, method, self.fp8).reshape(self.scale.shape))
         self.scale_floor.copy_(self.scale * SCALE_FLOOR)
 
     @torch.no_grad()
@@ -166,4 +184,4 @@ class TensorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, narrow={self.narrow}, axis={self.axis}, enabled={self.enabled}"
-                + (", unsigned=True" if self.unsigned else ""))
+                + (", unsigned=True" if self.unsigned else "") + (", fp8=True" if self.fp8 else ""))

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from ...errors import MimiqError
 from ...onnx_graph import copy_model, read_onnx, save_onnx
 from ...qdq import lower_fake_quant
+from ...quant import parse_bits
 from ...run_dir import FLOAT_ONNX, QDQ_ONNX, Artifact, RunDir
 from ..base import Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner, template
 from .encoding import ENCODINGS, choose_encoding, encoding_of, fuse_integer_matmuls, host_graph
@@ -61,6 +62,8 @@ def host_graphs(run_dir: RunDir, bits: str, encoding: str) -> dict:
     MatMulIntegerToFloat (ORT's CPU kernel), where any was fused. INT4 students also keep the packed-INT4
     graph (smaller on disk) and the weight-only W4A16 graph (ORT's MatMulNBits, float activations)."""
     out = {}
+    if parse_bits(bits).fp8:  # nothing to re-encode: ORT has no FP8 kernels, it dequantizes to float
+        return {"": (run_dir.graph(QDQ_ONNX), f"{bits} QDQ (E4M3FN), dequantized to float32 (no FP8 kernels)")}
     model = read_onnx(run_dir.graph(QDQ_ONNX))
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     main = run_dir.graph(f"model_qdq.{encoding}.onnx")
@@ -108,6 +111,8 @@ class OnnxRuntimeBackend(Backend):
         """Per execution provider: the host-encoded QDQ graph(s), the float twin, and the unfused reference."""
         exp, bits = ctx.run_dir.export_dir, ctx.export.bits
         chosen, enc_why = choose_encoding(ctx.options.get("encoding"), ctx.config.backend(self.name).int8)
+        if parse_bits(bits).fp8:
+            chosen, enc_why = "float8e4m3fn", "FP8 graphs keep their E4M3FN codes"
         ctx.progress(f"ONNX Runtime 8-bit encoding: {chosen} ({enc_why})")
         graphs = host_graphs(ctx.run_dir, bits, chosen)
         main_path = graphs[""][0]

@@ -150,6 +150,9 @@ class OpenVINOBackend(Backend):
 
     def export_graphs(self, ctx: ExportContext) -> ExportedGraphs:
         """Nothing of its own (build rewrites model_qdq.onnx); a note where it builds nothing."""
+        if ctx.quant.fp8:
+            return ExportedGraphs(note="fp8 not built for OpenVINO: its CPU plug-in has no FP8 compute kernels; "
+                                       "FP8 runs in TensorRT on Ada / Hopper GPUs (and simulated in ONNX Runtime)")
         if ctx.quant.act_bits == 4:
             return ExportedGraphs(note=f"{ctx.quant.name} not built for OpenVINO: it has no INT4 activation "
                                        "kernels (OpenVINO 2026.4 aborts compiling INT4 activations with int8 "

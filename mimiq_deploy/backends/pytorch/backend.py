@@ -147,7 +147,11 @@ class PyTorchBackend(Backend):
                     provider=device, info=self._info("float", "eager", device, dtype, input_size))
                 ctx.progress(f"built {twin}")
             todo = []
-            if qc.act_bits == 8:
+            if qc.fp8:
+                result.skipped[f"pt-{device}-fp8"] = (
+                    "PyTorch fp8 not built: its FP8 GEMM (torch._scaled_mm) needs an Ada / Hopper GPU and this "
+                    "back end has no FP8 path yet; FP8 runs in TensorRT (and simulated in ONNX Runtime)")
+            elif qc.act_bits == 8:
                 todo.append((qc.name, "int", "float16" if device == "cuda" else "float32"))
             else:
                 result.skipped[f"pt-{device}-{qc.name}"] = (

@@ -19,7 +19,7 @@ from ...errors import MimiqError
 from ...io import atomic_write_bytes
 from ...onnx_graph import constants, copy_model
 from ...qdq import lower_fake_quant
-from ...qdq_rules import QDQ, is_weight_dq, zero_point_type
+from ...qdq_rules import FP8, QDQ, is_weight_dq, zero_point_type
 from ...run_dir import Artifact
 from ..base import Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner, template
 
@@ -73,12 +73,14 @@ class TensorRTBackend(Backend):
         return ExportedGraphs(graphs, checked=(TRT_ONNX,), note=note)
 
     def own_violations(self, model: onnx.ModelProto) -> list[str]:
-        """int8 with zero point 0 only, no INT4 activations, INT4 weights block-wise."""
+        """int8 with zero point 0 only, FP8 as E4M3FN only, no INT4 activations, INT4 weights block-wise."""
         consts, problems = constants(model), []
         for node in (n for n in model.graph.node if n.op_type in QDQ and n.domain in ("", "ai.onnx")):
             zp_type = zero_point_type(node, consts)
             if zp_type == TensorProto.UINT8:
                 problems.append(f"{node.name}: uint8 quantization (TensorRT takes int8 with zero point 0)")
+            if zp_type in FP8 and zp_type != TensorProto.FLOAT8E4M3FN:
+                problems.append(f"{node.name}: {TensorProto.DataType.Name(zp_type)} (TensorRT's FP8 is E4M3FN)")
             if node.op_type == "QuantizeLinear" and zp_type in (TensorProto.INT4, TensorProto.UINT4):
                 problems.append(f"{node.name}: INT4 activation quantization (TensorRT has INT4 weights only)")
             if is_weight_dq(node, consts) and consts[node.input[0]].data_type == TensorProto.INT4:
