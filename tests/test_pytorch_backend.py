@@ -103,6 +103,30 @@ def test_int8_artifact_runs_integer_gemms(runs):
     assert not float_gemms  # no projection fell back to a float matmul
 
 
+def test_fp8_module_runs_fp8_gemms_and_computes_the_student(teacher):
+    """fp8: every projection reaches torch._scaled_mm with E4M3FN operands; logits are the student's up to float
+    rounding (one flipped FP8 rounding moves a value by 1/16 of it, hence no bitwise equality)."""
+    from mimiq_deploy.finetune import build_student
+    from mimiq_deploy.quant import calibrate
+    ok, why = kernels.fp8_gemm_available("cpu")
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    student = build_student(teacher, parse_bits("fp8")).eval()
+    calibrate(student, torch.randn(32, 1, 28, 28))
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        ref = student(x)
+        model = kernels.integer_model(student, "fp8", "cpu", torch.float32, [1, 28, 28])
+        with _Ops() as ops:
+            out = model(x)
+    scaled = [d for f, d in ops.calls if f is torch.ops.aten._scaled_mm.default]
+    assert len(scaled) == 25 and all(d[:2] == [torch.float8_e4m3fn] * 2 for d in scaled)
+    assert not [f for f, _ in ops.calls if f in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+    assert cos.min() > 0.999 and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
 def test_cuda_padding_rules_give_the_same_logits(runs, monkeypatch):
     """The CUDA path's padding for torch._int_mm (rows > 16, K and N multiples of 8), exercised on the CPU."""
     student = runs["w8a8"].student

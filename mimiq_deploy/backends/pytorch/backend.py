@@ -8,6 +8,8 @@ It builds from student.pt, not from an exported graph. Per bit setting (kernels.
   attention matmuls run in float on the fake-quantized operands (no batched int8 matmul in core PyTorch), the
   patch embedding in float on its fake-quantized weight: the values of the student, up to float rounding.
 - `pt-<dev>-w4a16` (INT4-weight students): weight-only, float activations, PyTorch's int4pack kernels.
+- `pt-<dev>-fp8` (fp8 students): every projection on `torch._scaled_mm` (E4M3FN x E4M3FN -> float32), the same
+  scales and rescale as W8A8; where torch has no FP8 GEMM (CUDA before sm_89, older torch on the CPU) it is skipped.
 - `-compiled` (torch.compile) and `-export` (torch.export, export/<name>.pt2, loadable without this package).
 - `pt-cpu-fp32` (CUDA hosts: `pt-cuda-fp16`, `pt-cuda-bf16`): the float twins, eager.
 4-bit activations are skipped: PyTorch has no kernel for them.
@@ -40,7 +42,7 @@ from ...quant.convert import set_quant_enabled
 from ...quant.student import load_student
 from ...run_dir import Artifact, Preprocessing, RunDir
 from ..base import Backend, BuildContext, BuildResult, RepositoryEntry, Runner
-from .kernels import describe, integer_model
+from .kernels import describe, fp8_gemm_available, integer_model
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -101,6 +103,8 @@ def _precision(bits: str, mode: str, weight_bits: int, info: dict, dtype: str, d
     if mode == "int":
         text = f"{bits} " + ("INT4 codes in int8, " if weight_bits < 8 else "") + \
             "int8 GEMMs (_int_mm), attention matmuls in float, patch-embedding conv in float"
+    elif mode == "fp8":
+        text = "fp8 E4M3FN GEMMs (_scaled_mm), attention matmuls in float, patch-embedding conv in float"
     else:
         kernel = "_weight_int4pack_mm" if device == "cuda" else "_weight_int4pack_mm_for_cpu"
         text = (f"{bits} weight-only INT4 ({kernel}), float activations and attention matmuls, "
@@ -148,9 +152,11 @@ class PyTorchBackend(Backend):
                 ctx.progress(f"built {twin}")
             todo = []
             if qc.fp8:
-                result.skipped[f"pt-{device}-fp8"] = (
-                    "PyTorch fp8 not built: its FP8 GEMM (torch._scaled_mm) needs an Ada / Hopper GPU and this "
-                    "back end has no FP8 path yet; FP8 runs in TensorRT (and simulated in ONNX Runtime)")
+                ok, why = fp8_gemm_available(device)
+                if ok:
+                    todo.append((qc.name, "fp8", "float16" if device == "cuda" else "float32"))
+                else:
+                    result.skipped[f"pt-{device}-fp8"] = f"PyTorch fp8 not built: {why}"
             elif qc.act_bits == 8:
                 todo.append((qc.name, "int", "float16" if device == "cuda" else "float32"))
             else:

@@ -5,6 +5,8 @@ Every quantized module of the student (quant/convert.py) is replaced in place:
   int8 = clamp(round(x / s_x)) with the static per-tensor step size, weight codes int8 (INT4 codes of a W4
   student held in int8: the values of the ONNX Runtime graph), `torch._int_mm` (int8 x int8 -> int32, exact),
   then one fused rescale `addcmul(bias, acc, s_x * s_w)`;
+- for fp8: Fp8Linear, E4M3FN activation and weight codes (the student's saturating float8 cast), `torch._scaled_mm`
+  (FP8 x FP8 -> float32; CPU, and CUDA from sm_89: Ada / Hopper), then the same fused rescale;
 - for weight-only W4A16: Int4WeightOnlyLinear, float activations times INT4 weights through
   `aten._weight_int4pack_mm_for_cpu` (CPU) / `aten._weight_int4pack_mm` (CUDA, BF16), the per-channel
   scales written as group-wise ones (each row's scale repeated over its groups: the same values);
@@ -21,24 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...quant.convert import QuantConv2d, QuantLinear, QuantMatMul
-from ...quant.quantizer import TensorQuantizer
+from ...quant.quantizer import TensorQuantizer, to_grid
 
 INT4_GROUPS = (256, 128, 64, 32)   # the group sizes the int4pack kernels take, largest first
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """QuantizeLinear with zero point 0, as the student computes it (the same division, round half to even)."""
-    return torch.clamp(torch.round(x / scale), qmin, qmax)
+def _codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, fp8: bool = False) -> torch.Tensor:
+    """QuantizeLinear with zero point 0, as the student computes it (the same division, round half to even;
+    fp8: saturate, then the float8 cast)."""
+    return to_grid(x / scale, qmin, qmax, fp8)
 
 
 def weight_codes(weight: torch.Tensor, quant: TensorQuantizer) -> torch.Tensor:
-    """The student's integer weight codes (per output channel), as float."""
+    """The student's integer (or E4M3FN) weight codes (per output channel), as float."""
     scale = quant.scale.detach().reshape(-1, *[1] * (weight.dim() - 1))
-    return _codes(weight.detach().float(), scale, quant.qmin, quant.qmax)
+    return _codes(weight.detach().float(), scale, quant.qmin, quant.qmax, quant.fp8)
 
 
-def _fq(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return _codes(x, scale, qmin, qmax) * scale
+def _fq(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, fp8: bool = False) -> torch.Tensor:
+    return _codes(x, scale, qmin, qmax, fp8) * scale
 
 
 class IntMMRules:
@@ -99,6 +102,54 @@ class IntLinear(nn.Module):
         return y.reshape(*shape, self.out_features).to(x.dtype)
 
 
+class Fp8Linear(IntLinear):
+    """y = addcmul(bias, _scaled_mm(fp8(x / s_x), W_fp8^T), s_x * s_w): FP8 E4M3FN GEMMs, float32 accumulate.
+    Unit scales go to the kernel and the per-channel rescale stays the fused addcmul, as IntLinear's. CUDA's
+    kernel wants K and N multiples of 16 (zero padding is exact)."""
+    kernel = "aten._scaled_mm (fp8 e4m3fn)"
+
+    def __init__(self, q: QuantLinear, device):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = q.in_features, q.out_features
+        self.qmin, self.qmax = q.input_quant.qmin, q.input_quant.qmax
+        multiple = 16 if torch.device(device).type == "cuda" else 1
+        self.pad_k, self.pad_n, self.pad_rows = -q.in_features % multiple, -q.out_features % multiple, 0
+        codes = F.pad(weight_codes(q.weight, q.weight_quant), (0, self.pad_k, 0, self.pad_n))
+        self.register_buffer("w_codes", codes.to(torch.float8_e4m3fn).contiguous())    # (N, K)
+        self.register_buffer("x_scale", q.input_quant.scale.detach().float().clone())
+        self.register_buffer("rescale", (q.input_quant.scale.detach().float() * q.weight_quant.scale.detach().float()))
+        self.register_buffer("bias", q.bias.detach().float().clone() if q.bias is not None else
+                             torch.zeros(self.out_features, device=q.weight.device))
+        self.register_buffer("one", torch.ones((), device=q.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        codes = _codes(x2, self.x_scale, self.qmin, self.qmax, fp8=True).to(torch.float8_e4m3fn)
+        if self.pad_k:
+            codes = F.pad(codes.float(), (0, self.pad_k)).to(torch.float8_e4m3fn)
+        acc = torch._scaled_mm(codes, self.w_codes.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.float32)
+        if self.pad_n:
+            acc = acc[:, :self.out_features]
+        y = torch.addcmul(self.bias, acc, self.rescale)
+        return y.reshape(*shape, self.out_features).to(x.dtype)
+
+
+def fp8_gemm_available(device) -> tuple[bool, str]:
+    """Whether torch._scaled_mm runs FP8 here: one tiny call (the CPU kernel exists in recent torch only;
+    CUDA needs sm_89+)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return False, f"{torch.cuda.get_device_name(device)} is older than sm_89 (FP8 GEMMs: Ada / Hopper)"
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return True, ""
+    except (RuntimeError, NotImplementedError) as e:
+        return False, f"torch {torch.__version__} has no FP8 GEMM on {device.type}: {str(e).splitlines()[0][:120]}"
+
+
 class DequantLinear(nn.Module):
     """Float matmul of the dequantized (fake-quantized) weight; optional activation fake quant (the fallback)."""
     kernel = "float linear (dequantized weight)"
@@ -107,7 +158,7 @@ class DequantLinear(nn.Module):
         super().__init__()
         self.why = why
         self.quantize_input = quantize_input
-        self.qmin, self.qmax = q.input_quant.qmin, q.input_quant.qmax
+        self.qmin, self.qmax, self.fp8 = q.input_quant.qmin, q.input_quant.qmax, q.input_quant.fp8
         w = weight_codes(q.weight, q.weight_quant) * q.weight_quant.scale.detach().float().reshape(-1, 1)
         self.register_buffer("weight", w)
         self.register_buffer("x_scale", q.input_quant.scale.detach().float().clone())
@@ -118,7 +169,7 @@ class DequantLinear(nn.Module):
 
     def forward(self, x):
         if self.quantize_input:
-            x = _fq(x.float(), self.x_scale, self.qmin, self.qmax).to(x.dtype)
+            x = _fq(x.float(), self.x_scale, self.qmin, self.qmax, self.fp8).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -180,6 +231,7 @@ class FakeQuantMatMul(nn.Module):
         super().__init__()
         self.quantize = quantize
         self.a_range, self.b_range = (q.a_quant.qmin, q.a_quant.qmax), (q.b_quant.qmin, q.b_quant.qmax)
+        self.fp8 = q.a_quant.fp8
         self.register_buffer("a_scale", q.a_quant.scale.detach().float().clone())
         self.register_buffer("b_scale", q.b_quant.scale.detach().float().clone())
         if not quantize:
@@ -190,8 +242,8 @@ class FakeQuantMatMul(nn.Module):
 
     def forward(self, a, b):
         if self.quantize:
-            a = _fq(a.float(), self.a_scale, *self.a_range).to(a.dtype)
-            b = _fq(b.float(), self.b_scale, *self.b_range).to(b.dtype)
+            a = _fq(a.float(), self.a_scale, *self.a_range, self.fp8).to(a.dtype)
+            b = _fq(b.float(), self.b_scale, *self.b_range, self.fp8).to(b.dtype)
         return a @ b
 
 
@@ -206,6 +258,7 @@ class FakeQuantConv2d(nn.Module):
         if q.padding_mode != "zeros":
             raise ValueError(f"padding mode {q.padding_mode!r}")
         self.x_range = (q.input_quant.qmin, q.input_quant.qmax)
+        self.fp8 = q.input_quant.fp8
         w = weight_codes(q.weight, q.weight_quant) * q.weight_quant.scale.detach().float().reshape(-1, 1, 1, 1)
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = nn.Parameter(q.bias.detach().float().clone(), requires_grad=False) if q.bias is not None else None
@@ -216,11 +269,11 @@ class FakeQuantConv2d(nn.Module):
 
     def forward(self, x):
         if self.quantize_input:
-            x = _fq(x.float(), self.x_scale, *self.x_range).to(x.dtype)
+            x = _fq(x.float(), self.x_scale, *self.x_range, self.fp8).to(x.dtype)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-KERNEL_MODULES = (IntLinear, DequantLinear, Int4WeightOnlyLinear, FakeQuantMatMul, FakeQuantConv2d)
+KERNEL_MODULES = (IntLinear, Fp8Linear, DequantLinear, Int4WeightOnlyLinear, FakeQuantMatMul, FakeQuantConv2d)
 
 
 def _rows_at_batch_1(student: nn.Module, input_size) -> dict:
@@ -251,7 +304,8 @@ def int4_group(k: int) -> int | None:
 def integer_model(student: nn.Module, mode: str, device="cpu", dtype=torch.float32, input_size=None) -> nn.Module:
     """The student (modified in place and returned) with its quantized modules replaced by kernel modules.
 
-    mode: "int" (W8A8 / W4A8 on torch._int_mm) or "weight-only" (W4A16 on the int4pack kernels).
+    mode: "int" (W8A8 / W4A8 on torch._int_mm), "fp8" (torch._scaled_mm) or "weight-only" (W4A16 on the
+    int4pack kernels).
     dtype: the float parts (LayerNorm, softmax, GELU, residuals, the patch embedding); the integer GEMMs
     quantize from float32 and rescale in float32 whatever it is."""
     weight_only = mode == "weight-only"
@@ -259,7 +313,9 @@ def integer_model(student: nn.Module, mode: str, device="cpu", dtype=torch.float
     rows = _rows_at_batch_1(student, input_size) if rules.min_rows and input_size is not None else {}
     for name, m in list(student.named_modules()):
         if isinstance(m, QuantLinear):
-            if not weight_only:
+            if mode == "fp8":
+                new = Fp8Linear(m, device)
+            elif not weight_only:
                 new = IntLinear(m, rules, pad_rows=rows.get(name, 0) < rules.min_rows if rules.min_rows else False)
             else:
                 group = int4_group(m.in_features)
