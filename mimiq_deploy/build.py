@@ -32,15 +32,18 @@ def build(run_dir, progress=print, **options) -> dict:
     for backend in BACKENDS.values():
         if not backend.wants(rd):  # export wrote no graph for it (its reason is in the export notes)
             continue
+        info = backend.static_info(ctx)  # read off the graphs: kept where no engine can be built here too
         ok, why = backend.available()
         if not ok:
             record.skipped[backend.name] = f"{backend.title} engines not built: {why}"
+            if info:
+                record.backends[backend.name] = info
             continue
         result = backend.build_artifacts(ctx)
         record.artifacts.update(result.artifacts)
         record.skipped.update(result.skipped)
-        if result.info:
-            record.backends[backend.name] = result.info
+        if info or result.info:
+            record.backends[backend.name] = {**info, **result.info}
     for reason in record.skipped.values():
         progress(reason)
     write_model_repository(rd, export, record.artifacts, cfg)

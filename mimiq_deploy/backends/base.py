@@ -104,6 +104,20 @@ class Backend:
     def own_violations(self, model: onnx.ModelProto) -> list[str]:
         return []
 
+    def analysis(self, model: onnx.ModelProto) -> dict:
+        """A performance verdict on a graph as JSON (e.g. which attention blocks its engine fuses), never a
+        conformance violation; {} where it has none."""
+        return {}
+
+    def analysis_lines(self, analysis: dict) -> list[str]:
+        """`analysis` for people (`check` prints them)."""
+        return []
+
+    def static_info(self, ctx: BuildContext) -> dict:
+        """What build records about the exported graphs without building (build.json's backends[name]): stored on a
+        host where it cannot build too."""
+        return {}
+
     def wants(self, run_dir: RunDir) -> bool:
         """Whether export wrote the graph this back end builds from."""
         return bool(self.graphs) and run_dir.graph(self.graphs[0]).exists()

@@ -17,11 +17,12 @@ from onnxconverter_common import float16
 
 from ...errors import MimiqError
 from ...io import atomic_write_bytes
-from ...onnx_graph import constants, copy_model
+from ...onnx_graph import constants, copy_model, read_onnx
 from ...qdq import lower_fake_quant
 from ...qdq_rules import FP8, QDQ, is_weight_dq, zero_point_type
 from ...run_dir import Artifact
 from ..base import Backend, BuildContext, BuildResult, ExportContext, ExportedGraphs, RepositoryEntry, Runner, template
+from .attention import AttentionBlock, EngineAttention, EngineLayer, attention_blocks, engine_layers, table_lines
 
 TRT_ONNX = "model_qdq_fp16.onnx"      # FP16 QDQ graph for TensorRT (strongly typed)
 TRT_FLOAT_ONNX = "model_fp16.onnx"    # its float twin
@@ -88,6 +89,28 @@ class TensorRTBackend(Backend):
                     problems.append(f"{node.name}: TensorRT INT4 weights must be block-wise (block_size)")
         return problems
 
+    def analysis(self, model: onnx.ModelProto) -> dict:
+        """Per attention block: whether TensorRT's fused MHA can run it quantized (attention.py)."""
+        return {"attention": [b.to_json() for b in attention_blocks(model)]}
+
+    def analysis_lines(self, analysis: dict) -> list[str]:
+        if "attention" not in analysis:
+            return []
+        return ["TensorRT fused attention per block (a performance verdict, not a violation):",
+                *table_lines([AttentionBlock.from_json(b) for b in analysis["attention"]])]
+
+    def static_info(self, ctx: BuildContext) -> dict:
+        """The fused-attention verdict of the graph the engine is built from (no GPU needed)."""
+        return self.analysis(read_onnx(ctx.run_dir.graph(TRT_ONNX)))
+
+    def report_lines(self, info: dict) -> list[str]:
+        if "attention" not in info:  # build.json of earlier versions
+            return []
+        lines = table_lines([AttentionBlock.from_json(b) for b in info["attention"]])
+        lines += [EngineAttention.from_json(v).line(k) for k, v in info.get("engine_attention", {}).items()]
+        return [f"TensorRT fused attention per block ({TRT_ONNX}; static check, then the engines built):", "",
+                *lines]
+
     def build_artifacts(self, ctx: BuildContext) -> BuildResult:
         """Engines of the FP16 QDQ graph and of its float twin; one that fails is skipped with its reason."""
         exp, bits, cfg = ctx.run_dir.export_dir, ctx.export.bits, ctx.config
@@ -104,6 +127,11 @@ class TensorRTBackend(Backend):
                 result.skipped[name] = str(e)
                 continue
             quantized = precision != "fp16"
+            if quantized:  # what the engine fused, against the static verdict
+                found = EngineAttention.compare(attention_blocks(read_onnx(exp / onnx_file)),
+                                                [EngineLayer.from_json(x) for x in info.get("layers", [])])
+                result.info.setdefault("engine_attention", {})[name] = found.to_json()
+                ctx.progress(found.line(name))
             result.artifacts[name] = Artifact(self.name, str(plan), precision, quantized,
                                               weight_only="weight-only" in precision, info=info,
                                               float_twin="trt-fp16" if quantized else None)
@@ -141,6 +169,7 @@ class TensorRTBackend(Backend):
             raise MimiqError(f"TensorRT cannot parse {source}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions and tactics (inspect)
         cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
         cache = config.create_timing_cache(cache_bytes)
         config.set_timing_cache(cache, ignore_mismatch=False)
@@ -156,7 +185,16 @@ class TensorRTBackend(Backend):
         atomic_write_bytes(out, bytes(plan))
         if timing_cache:
             timing_cache.write_bytes(bytes(cache.serialize()))
-        return {"engine": str(out), "build_seconds": time.time() - t0, "tensorrt": trt.__version__}
+        return {"engine": str(out), "build_seconds": time.time() - t0, "tensorrt": trt.__version__,
+                "layers": [layer.to_json() for layer in self.inspect(bytes(plan))]}
+
+    def inspect(self, plan: bytes) -> list[EngineLayer]:
+        """A built engine's layers from its IEngineInspector: name, type, input precisions, tactic (fused MHA
+        kernels are named _gemm_mha_v2 / _gemv_mha: EngineLayer.fused_attention)."""
+        trt = _import_tensorrt()
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        inspector = engine.create_engine_inspector()
+        return engine_layers(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
     def runner(self, artifact: Artifact) -> "EngineRunner":
         return EngineRunner(Path(artifact.path))
