@@ -15,21 +15,27 @@ from .export import stored_export_config
 from .run_dir import BuildRecord, ExportRecord, Preprocessing, RunDir
 
 
-def build(run_dir, progress=print, **options) -> dict:
+def build(run_dir, progress=print, backends=None, **options) -> dict:
     """Build every artifact the exported graphs allow; returns and writes run_dir/build.json.
 
+    backends: names of the back ends to build (default: all); build.json then holds theirs only, and verify,
+    bench, serve and the model repository see those.
     options: a back end's build options (its `build_options`), e.g. encoding="int8" / "uint8" forces the 8-bit
     encoding of the ONNX Runtime graph (None or "auto": the export config, then this host's CPU decide)."""
     known = {o for b in BACKENDS.values() for o in b.build_options}
     unknown = sorted(set(options) - known)
     if unknown:
         raise MimiqError(f"unknown build option(s) {unknown}; known: {sorted(known)}")
+    chosen = list(BACKENDS) if not backends else list(dict.fromkeys(backends))
+    missing = [b for b in chosen if b not in BACKENDS]
+    if missing:
+        raise MimiqError(f"unknown back end(s) {', '.join(missing)}; known: {', '.join(BACKENDS)}")
     rd = RunDir.of(run_dir)
     export = rd.read_export()
     cfg = stored_export_config(export)
     ctx = BuildContext(rd, export, cfg, progress, options)
     record = BuildRecord(export.bits, {}, dict(export.notes), {})
-    for backend in BACKENDS.values():
+    for backend in (BACKENDS[b] for b in chosen):
         if not backend.wants(rd):  # export wrote no graph for it (its reason is in the export notes)
             continue
         info = backend.static_info(ctx)  # read off the graphs: kept where no engine can be built here too

@@ -2,7 +2,6 @@
 bench, the model repository, `check --target openvino`, and a missing openvino package named in build.json."""
 import shutil
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from mimiq_deploy.backends import BACKENDS, ExportContext  # noqa: E402
 from mimiq_deploy.backends.openvino import CACHE_DIR, OV_ONNX, OpenVINOConfig  # noqa: E402
 from mimiq_deploy.backends.openvino.backend import choose_int8, host_int8  # noqa: E402
 from mimiq_deploy.backends.openvino.graph import openvino_graph, runtime_precisions  # noqa: E402
-import mimiq_deploy.build  # noqa: E402
 from mimiq_deploy.bench import bench  # noqa: E402
 from mimiq_deploy.build import build  # noqa: E402
 from mimiq_deploy.check import check_graph  # noqa: E402
@@ -38,15 +36,6 @@ PROJECTIONS = BLOCKS * 6   # q, k, v (the fused qkv split in three), proj, fc1, 
 ATTENTION = BLOCKS * 2     # q k^T, probabilities times v
 
 
-@contextmanager
-def only(*names):
-    """`build` with these back ends of the registry alone, so that verify and bench run only OpenVINO's artifacts
-    (the other back ends' tests cover theirs; these stay near two minutes on two cores)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mimiq_deploy.build, "BACKENDS", {n: BACKENDS[n] for n in names})
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One synthetic set (the tiny recipe), a PTQ student per bit setting on it (epochs 0: the graphs are the
@@ -64,8 +53,8 @@ def runs(tmp_path_factory):
         finetune(teacher, "fmnist-vit", None, rd, parse_bits(bits), load_finetune_recipe(recipe, {"epochs": 0}),
                  progress=False)
         export_student(load_student(rd.student), rd, ExportConfig(), progress=lambda m: None)
-        with only("openvino"):
-            build(rd, progress=lambda m: None)
+        # OpenVINO alone, so that verify and bench run only its artifacts (the other back ends' tests cover theirs)
+        build(rd, progress=lambda m: None, backends=["openvino"])
         out[bits] = rd
     return out
 
@@ -175,8 +164,7 @@ def test_missing_openvino_is_named_in_build_json(runs, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(runs["w8a8"].root, copy, symlinks=True)
     monkeypatch.setitem(sys.modules, "openvino", None)   # `import openvino` raises ImportError
-    with only("onnxruntime", "openvino"):               # ONNX Runtime builds as before
-        record = build(copy, progress=lambda m: None)
+    record = build(copy, progress=lambda m: None, backends=["onnxruntime", "openvino"])  # ONNX Runtime builds as before
     assert record["artifacts"] and not any(a["backend"] == "openvino" for a in record["artifacts"].values())
     why = record["skipped"]["openvino"]
     assert "OpenVINO" in why and "pip install 'mimiq-deploy[openvino]'" in why

@@ -21,6 +21,7 @@ from mimiq_deploy.backends import BACKENDS
 from mimiq_deploy.backends.pytorch import kernels
 from mimiq_deploy.bench import bench
 from mimiq_deploy.build import build
+from mimiq_deploy.errors import MimiqError
 from mimiq_deploy.export import export_config, export_student
 from mimiq_deploy.finetune import finetune, load_finetune_recipe
 from mimiq_deploy.quant import parse_bits
@@ -41,7 +42,8 @@ def _run(teacher, root: Path, bits: str, overrides: dict, table: dict, synth_fro
         rd.link_synthetic(synth_from)
     finetune(teacher, "fmnist-vit", None, rd, parse_bits(bits), load_finetune_recipe(recipe, overrides))
     export_student(load_student(rd.student), rd, export_config({"pytorch": table}, "test"), progress=lambda m: None)
-    build(rd, progress=lambda m: None)
+    # PyTorch alone: verify and bench then run its artifacts only (the other back ends' tests cover theirs)
+    build(rd, progress=lambda m: None, backends=["pytorch"])
     return rd
 
 
@@ -57,6 +59,9 @@ def runs(tmp_path_factory, teacher):
 
 def test_build_names_its_artifacts_and_skips(runs):
     w8, w4 = runs["w8a8"].read_build(), runs["w4a8"].read_build()
+    assert {a.backend for a in w8.artifacts.values()} == {"pytorch"}  # build(backends=["pytorch"]) built it alone
+    with pytest.raises(MimiqError, match="unknown back end"):
+        build(runs["w8a8"], progress=lambda m: None, backends=["pytorch", "tensorflow"])
     assert {"pt-cpu-fp32", "pt-cpu-w8a8", "pt-cpu-w8a8-export"} <= set(w8.artifacts)
     assert {"pt-cpu-fp32", "pt-cpu-w4a8", "pt-cpu-w4a16"} <= set(w4.artifacts)
     assert "compile" in w8.skipped["pt-cpu-w8a8-compiled"] and "export" in w4.skipped["pt-cpu-w4a16-export"]

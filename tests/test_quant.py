@@ -128,6 +128,17 @@ def test_fp8_lsq_gradients_are_straight_through():
     assert torch.isclose(q.scale.grad, expected)
 
 
+def test_fp8_activations_calibrate_to_their_amax():
+    """FP8 takes no clipping by default (default_method); integer grids keep the MSE search."""
+    x = torch.cat([torch.randn(4096), torch.tensor([40.0])])   # one outlier: MSE clips it on an integer grid
+    fp8, int8 = TensorQuantizer(8, narrow=False, fp8=True), TensorQuantizer(8, narrow=False)
+    for q in (fp8, int8):
+        q.calibrating = True
+        q(x)
+        q.finish_calibration()
+    assert torch.isclose(fp8.scale, torch.tensor(40.0 / 448)) and int8.scale < 40.0 / 127
+
+
 def test_fp8_setting_makes_fp8_quantizers_everywhere(teacher):
     from mimiq_deploy.quant.student import build_student
     cfg = parse_bits("fp8")

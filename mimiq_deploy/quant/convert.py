@@ -84,8 +84,9 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64, method: str = "mse") -> None:
-    """Initialize activation step sizes from one float pass over `images` (`method`: see activation_step)."""
+def calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 64, method: str | None = None) -> None:
+    """Initialize activation step sizes from one float pass over `images` (`method`: see activation_step; None:
+    each quantizer's default, mse for integer grids, minmax for FP8)."""
     model.eval()
     activation_quants = [q for q in quant_modules(model).values() if q.axis is None]
     for q in activation_quants:
