@@ -12,30 +12,39 @@ Fashion-MNIST top-1 of the fake-quant student per bit setting, mean +- std over 
     student (calibrated on the row-6 MimiQ set), one set per bit setting
  11 full MaskAQ: row 10 + token-weighted L_HAD + periodic refresh of the set against the
     current student during fine-tuning
+ 14-16 ModelOpt's INT8 PTQ of a quantize run's float graph (--float-run RUN: RUN/export/model_fp32.onnx),
+    calibrated (entropy and max) on no data / the run's synthetic set / as many real training images,
+    both through `export-calib`; scored in ONNX Runtime on the CPU. Needs nvidia-modelopt (the `peers` extra)
+    in this interpreter. Their own table, one column per calibration method.
 Rows 3-9 share the number of images, epochs and schedule (from --recipe). --rows picks rows;
 finished runs in --out are reused, so extra rows can be added later.
 --split val scores on the 5,000-image validation split carved from the training set (for
 tuning the recipe); --split test is the reported number.
 
     python benchmarks/accuracy.py --recipe calib/fmnist-vit-fast.toml --seeds 0,1 --split test
+    python benchmarks/accuracy.py --rows 1,14,15,16 --float-run /tmp/fast-w8a8 --seeds 0
 """
 import argparse
 import ast
 import dataclasses
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 
+from mimiq_deploy.calib import export_calib, graph_input_name
 from mimiq_deploy.data import load_fmnist, normalize_uint8
 from mimiq_deploy.finetune import finetune, load_finetune_recipe, ptq_student
 from mimiq_deploy.models import load_model
 from mimiq_deploy.quant import parse_bits
 from mimiq_deploy.quant.student import load_student
-from mimiq_deploy.run_dir import RunDir
+from mimiq_deploy.run_dir import FLOAT_ONNX, RunDir
 from mimiq_deploy.synthesize import load_synthesis_recipe, load_synthetic, save_image_set, synthesize
 from mimiq_deploy.teacher import TeacherRecipe, accuracy
 
@@ -43,7 +52,11 @@ ROWS = ["1 teacher (FP32)", "2 PTQ on MimiQ images", "3 noise + KL", "4 base syn
         "5 MimiQ + KL", "6 MimiQ + KL + HAD", "7 real data + KL + HAD",
         "8 MimiQ + patch entropy + KL + HAD", "9 MimiQ + KL + token-weighted HAD",
         "10 MimiQ + MaskAQ synthesis terms + KL + HAD", "11 full MaskAQ (+ token-weighted HAD, refresh)",  # 8-11: MaskAQ
-        "12 PTQ on Gaussian noise", "13 PTQ on real images"]  # 12-13: the sceptic's baselines
+        "12 PTQ on Gaussian noise", "13 PTQ on real images",  # 12-13: the sceptic's baselines
+        "14 ModelOpt INT8, no calibration data", "15 ModelOpt INT8 on MimiQ images (export-calib)",
+        "16 ModelOpt INT8 on real images (export-calib)"]  # 14-16: a peer quantizer on the float graph
+MODELOPT_ROWS = ROWS[13:16]
+MODELOPT_METHODS = ("entropy", "max")
 PATCH_ENTROPY = 1.0  # rows 8, 10, 11: same magnitude as L_IHC on the default (a 32-image probe kept teacher top-1 100 %)
 MASKAQ_SYNTHESIS = {"patch_entropy": PATCH_ENTROPY, "mask_align": 1.0}  # rows 10, 11 (alignment ~0.6 at W4A4 PTQ)
 MASKAQ_REFRESH = {"refresh_every": 4, "refresh_fraction": 0.5}  # row 11: half the set renewed after epoch 4 of 8
@@ -96,6 +109,62 @@ def synthesis_seconds(manifest) -> float:
     return manifest.recipe["num_images"] * manifest.recipe["steps"] / rate if rate else 0.0
 
 
+def modelopt_int8(float_graph: Path, calib, method: str, out: Path) -> float:
+    """ModelOpt's ONNX PTQ through its own CLI, its defaults but the calibration method (and the CPU to calibrate
+    on); calib: an export-calib npz, or None (ModelOpt then calibrates on random data). Returns the seconds."""
+    cmd = [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(float_graph),
+           "--quantize_mode", "int8", "--calibration_method", method, "--calibration_eps", "cpu",
+           "--output_path", str(out)] + (["--calibration_data_path", str(calib)] if calib else [])
+    t0 = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"ModelOpt failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def ort_top1(graph: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Top-1 (%) of an ONNX graph in ONNX Runtime on the CPU."""
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = sum(int((sess.run(None, {name: x[i:i + batch_size]})[0].argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return 100.0 * correct / len(x)
+
+
+def modelopt_table(rows, float_run: Path, out: Path, seed: int, cfg: dict, x_eval, y_eval, teacher_top1,
+                   split: str) -> list[str]:
+    """Rows 14-16: ModelOpt INT8 of float_run's float graph, per calibration method; the table's lines."""
+    float_graph = RunDir(float_run).graph(FLOAT_ONNX)
+    out.mkdir(parents=True, exist_ok=True)
+    mimiq = export_calib(float_run, "npz", out / "mimiq.npz")[0]
+    manifest = RunDir(float_run).read_manifest()
+    n = manifest.recipe["num_images"]
+    save_image_set(out / "real", manifest.model, *real_images(n, seed, cfg), kind="real", data_cfg=cfg)
+    real, record = export_calib(out / "real", "npz", out / "real.npz")
+    if record.input_name != graph_input_name(float_run):
+        sys.exit(f"{real} is keyed {record.input_name!r}, {float_graph} takes {graph_input_name(float_run)!r}")
+    x, y = x_eval.cpu().numpy().astype(np.float32), y_eval.cpu().numpy()
+    calib = {MODELOPT_ROWS[0]: None, MODELOPT_ROWS[1]: mimiq, MODELOPT_ROWS[2]: real}
+    lines = [f"ModelOpt INT8 PTQ of {float_graph}: Fashion-MNIST {split} top-1 (%) in ONNX Runtime (CPU); "
+             f"calibration sets of {n} images, the MimiQ one the run's own, the real one seed {seed}", "",
+             "| row | " + " | ".join(MODELOPT_METHODS) + " | ModelOpt s (" + " / ".join(MODELOPT_METHODS) + ") |",
+             "|---|" + "---|" * (len(MODELOPT_METHODS) + 1)]
+    if ROWS[0] in rows:
+        lines.append(f"| {ROWS[0]} | " + " | ".join(f"{teacher_top1:.2f}" for _ in MODELOPT_METHODS) + " | - |")
+    fp32 = ort_top1(float_graph, x, y)
+    lines.append("| the float graph (FP32, ONNX Runtime) | " + " | ".join(f"{fp32:.2f}" for _ in MODELOPT_METHODS)
+                 + " | - |")
+    for row in (r for r in MODELOPT_ROWS if r in rows):
+        cells, secs = [], []
+        for method in MODELOPT_METHODS:
+            graph = out / f"{row.split()[0]}-{method}.onnx"
+            secs.append(modelopt_int8(float_graph, calib[row], method, graph))
+            cells.append(f"{ort_top1(graph, x, y):.2f}")
+            print(f"{row} ({method}): {cells[-1]}", flush=True)
+        lines.append(f"| {row} | " + " | ".join(cells) + " | " + " / ".join(f"{t:.0f}" for t in secs) + " |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist-vit", choices=["fmnist-vit", "fmnist-swin"])
@@ -107,6 +176,8 @@ def main():
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--out", default="runs/benchmark")
     ap.add_argument("--results", default=None, help="Also write the table (and this command) to this Markdown file.")
+    ap.add_argument("--float-run", default=None, help="Rows 14-16: the quantize run whose export/model_fp32.onnx and "
+                    "synthetic set ModelOpt quantizes and calibrates on.")
     args = ap.parse_args()
     args.recipe = args.recipe or f"calib/{args.model}-fast.toml"
     teacher = load_model(args.model)
@@ -116,6 +187,10 @@ def main():
     bits_list = args.bits.split(",")
     rows = [ROWS[int(i) - 1] for i in args.rows.split(",")]
     rows = [ROWS[0]] + [r for r in rows if r != ROWS[0]] if ROWS[0] in rows else rows  # the teacher row first
+    peer_rows = [r for r in rows if r in MODELOPT_ROWS]  # their own table: no bit setting, no seeds
+    rows = [r for r in rows if r not in MODELOPT_ROWS]
+    if peer_rows and not args.float_run:
+        ap.error("rows 14-16 need --float-run RUN (a `mimiq-deploy quantize` run directory)")
     results = {(row, b): [] for row in rows for b in bits_list}
     seconds = {row: 0.0 for row in rows}
     teacher_top1 = accuracy(teacher.to(EVAL_DEVICE), x_eval, y_eval)
@@ -130,7 +205,7 @@ def main():
     kinds = {kind for _, kind, _ in plan}
     if "maskaq" in kinds:
         kinds.add("mimiq")  # the PTQ student that MaskAQ synthesis aligns with is calibrated on it
-    for seed in seeds:
+    for seed in seeds if plan else []:  # the teacher row and rows 14-16 need no student
         synth = {}
         for kind, overrides in (("mimiq", {}), ("base", {"ihc": False}), ("noise", {"noise_only": True}),
                                 ("entropy", {"patch_entropy": PATCH_ENTROPY})):
@@ -161,10 +236,11 @@ def main():
                 results[(row, bits)].append(accuracy(load_student(run / "student.pt").to(EVAL_DEVICE), x_eval, y_eval))
                 print(f"seed {seed} {bits} {row}: {results[(row, bits)][-1]:.2f}", flush=True)
     runs = len(seeds) * len(bits_list)
-    lines = [f"Fashion-MNIST {args.split} top-1 (%), mean ± std over seeds {seeds}; recipe {args.recipe}", "",
+    student_table = plan or not peer_rows  # rows 14-16 alone: only their table
+    lines = [] if not student_table else [f"Fashion-MNIST {args.split} top-1 (%), mean ± std over seeds {seeds}; recipe {args.recipe}", "",
              "| row | " + " | ".join(b.upper() for b in bits_list) + " | wall s / run |",
              "|---|" + "---|" * (len(bits_list) + 1)]
-    if ROWS[0] in rows:
+    if ROWS[0] in rows and student_table:
         lines.append(f"| {ROWS[0]} | " + " | ".join(f"{teacher_top1:.2f}" for _ in bits_list) + " | - |")
     for row in rows[1:] if ROWS[0] in rows else rows:
         cells = []
@@ -172,8 +248,11 @@ def main():
             v = results[(row, b)]
             cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seconds[row] / runs:.0f} |")
-    lines += ["", f"{len(seeds) * len(bits_list)} runs per row; wall s / run includes the row's share of its synthesis; "
-              f"{torch.get_num_threads()} CPU threads"
+    if peer_rows:
+        lines += ([""] if lines else []) + modelopt_table(rows[:1] + peer_rows, Path(args.float_run), out / "modelopt",
+                                                         seeds[0], cfg, x_eval, y_eval, teacher_top1, args.split)
+    lines += ["", (f"{len(seeds) * len(bits_list)} runs per row; wall s / run includes the row's share of its synthesis; "
+               if student_table else "") + f"{torch.get_num_threads()} CPU threads"
               + (f", {torch.cuda.get_device_name(0)}" if EVAL_DEVICE.type == "cuda" else "")
               + f", torch {torch.__version__}.",
               "", "Regenerate: `python benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]

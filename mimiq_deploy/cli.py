@@ -47,7 +47,7 @@ def main():
 @model_option
 @checkpoint_option
 @trust_option
-@click.option("--bits", default="w4a8", show_default=True, help="wXaY: X-bit weights, Y-bit activations.")
+@click.option("--bits", default="w4a8", show_default=True, help="wXaY (X-bit weights, Y-bit activations) or fp8 (E4M3).")
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @recipe_option
 @click.option("--preset", type=click.Choice(["fast"]), default=None,
@@ -152,7 +152,7 @@ def synthesize(model_name, checkpoint, trust, run_dir, num_images, batch_size, s
               help="Run directory holding the synthetic images.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Where student.pt goes (default: the --data run directory).")
-@click.option("--bits", default="w4a8", show_default=True, help="wXaY: X-bit weights, Y-bit activations.")
+@click.option("--bits", default="w4a8", show_default=True, help="wXaY (X-bit weights, Y-bit activations) or fp8 (E4M3).")
 @click.option("--epochs", type=int, default=None, help="0 = calibration only (PTQ).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
@@ -208,20 +208,43 @@ def export(run_dir, config_path, trust):
         click.echo(note)
 
 
+@main.command("export-calib")
+@run_dir_argument
+@click.option("--format", "fmt", default="npz", show_default=True,
+              help="npz (keyed by the graph's input name; ModelOpt's --calibration_data_path) or npy (the bare array).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="The array file (default: RUN/calib/calib.<format>); its JSON record goes beside it (<out>.json).")
+@click.option("--limit", type=int, default=None, help="The first N images only.")
+def export_calib_cmd(run_dir, fmt, out, limit):
+    """The synthetic set as a calibration file for other quantizers (ModelOpt, ONNX Runtime, NNCF): float32
+    images in the exported graph's input space, plus the preprocessing and the labels they were made for."""
+    from .calib import export_calib
+
+    path, record = export_calib(run_dir, fmt, out, limit)
+    click.echo(f"wrote {path}: {record.shape[0]} images {record.dtype} {tuple(record.shape)} as "
+               f"{record.input_name!r}; preprocessing and labels in {path.name}.json")
+
+
 @main.command()
 @click.argument("onnx_path", type=click.Path(path_type=Path))
 @click.option("--target", required=True, help="A back end: onnxruntime, tensorrt, openvino.")
-def check(onnx_path, target):
-    """Static conformance of a QDQ graph with what the target engine runs."""
-    from .check import check_graph
+@click.option("--json", "as_json", is_flag=True, help="Violations and the target's analysis as one JSON object.")
+def check(onnx_path, target, as_json):
+    """Static conformance of a QDQ graph with what the target engine runs, then the target's performance verdict
+    (e.g. which attention blocks TensorRT fuses), which is not a violation."""
+    from .check import check_graph, graph_analysis
     from .onnx_graph import read_onnx
 
-    violations = check_graph(read_onnx(onnx_path), target)
-    for v in violations:
-        click.echo(v)
+    model = read_onnx(onnx_path)
+    violations = check_graph(model, target)
+    analysis, lines = graph_analysis(model, target)
+    if as_json:
+        click.echo(json.dumps({"graph": str(onnx_path), "target": target, "violations": violations,
+                               "analysis": analysis}, indent=2))
+    else:
+        click.echo("\n".join(violations + ([] if violations else [f"{onnx_path}: conforms to {target}"]) + lines))
     if violations:
         raise MimiqError(f"{onnx_path}: {len(violations)} violation(s) for {target}")
-    click.echo(f"{onnx_path}: conforms to {target}")
 
 
 @main.command("build")
@@ -230,11 +253,14 @@ def check(onnx_path, target):
               help="8-bit encoding of the ONNX Runtime graph. auto: `ort_int8` of the export config if set, else "
                    "int8 / zero point 0 on CPUs with VNNI or ARM dot product, uint8 / zero point 128 elsewhere "
                    "(env MIMIQ_CPU_VNNI=0/1 overrides the detection).")
-def build_cmd(run_dir, encoding):
-    """ONNX Runtime sessions and TensorRT engines from the exported graphs, plus the model repository."""
+@click.option("--backend", "backends", multiple=True, metavar="NAME",
+              help="Build only this back end (repeatable; default: all): onnxruntime, tensorrt, openvino, pytorch.")
+def build_cmd(run_dir, encoding, backends):
+    """ONNX Runtime sessions, TensorRT engines, OpenVINO and PyTorch artifacts from the exported graphs, plus the
+    model repository."""
     from .build import build
 
-    build(run_dir, progress=click.echo, encoding=encoding)
+    build(run_dir, progress=click.echo, backends=backends, encoding=encoding)
 
 
 @main.command("verify")

@@ -11,6 +11,7 @@ whose record exists is complete. Layout (names fixed: runs made by earlier versi
     build.json, verify.json, bench.json             build, verify, bench records
     model_repository/                               build (Inference-Server layout)
     timings.json, report.json, report.md, *.png     quantize, report
+    calib/calib.npz, calib/calib.npz.json           export-calib (the synthetic set for other quantizers)
 """
 import dataclasses
 from pathlib import Path
@@ -21,6 +22,7 @@ from .quant.config import QuantConfig
 
 SYNTH_DIR = "synth"
 EXPORT_DIR = "export"
+CALIB_DIR = "calib"
 QDQ_ONNX = "model_qdq.onnx"           # the portable FP32 QDQ graph (standard ONNX; ONNX Runtime, OpenVINO, ...)
 FLOAT_ONNX = "model_fp32.onnx"        # its float twin (same weights, no quantization)
 # Each back end names its own graph variants (backends/<name>/), written to export/ beside these.
@@ -271,6 +273,19 @@ class SynthManifest(Record):
 
 
 @dataclasses.dataclass
+class CalibRecord(Record):
+    """calib/<file>.json, beside the array file export-calib wrote: what its images are and what they were made for."""
+    input_name: str = ""               # the exported graph's input the array feeds
+    shape: list = dataclasses.field(default_factory=list)  # (N, C, H, W)
+    dtype: str = "float32"
+    preprocessing: Preprocessing | None = None  # what turns a raw image into the graph's input space
+    targets: list = dataclasses.field(default_factory=list)  # the class each image was synthesized for, in order
+    kind: str = ""                     # the set's kind (SynthManifest.kind): mimiq, real ...
+    model: str = ""
+    NESTED = {"preprocessing": Preprocessing}
+
+
+@dataclasses.dataclass
 class EpochStats(Record):
     """One fine-tuning epoch: mean losses over its batches, the learning rate it ran at."""
     epoch: int = 0
@@ -510,6 +525,16 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.synth.exists():
             self.synth.symlink_to(src.synth.resolve(), target_is_directory=True)
+
+    # export-calib
+    def calib_file(self, fmt: str) -> Path:
+        """The default array file of export-calib in format `fmt` (npz, npy)."""
+        return self.root / CALIB_DIR / f"calib.{fmt}"
+
+    @staticmethod
+    def calib_sidecar(array_file) -> Path:
+        """The JSON record beside an export-calib array file (calib.npz -> calib.npz.json: one per file)."""
+        return Path(array_file).with_name(Path(array_file).name + ".json")
 
     # finetune
     @property

@@ -185,7 +185,7 @@ def test_bench_reports_the_speedup_over_the_float_twin(runs, monkeypatch):
 
 def test_gpu_benchmark_script_runs_its_cpu_smoke(runs, tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--cpu-smoke", "--out-dir", str(tmp_path),
-                        "--max-seconds", "120", "--seconds", "0.2", "--student", str(runs["w8a8"].student)],
+                        "--max-seconds", "45", "--seconds", "0.2", "--student", str(runs["w8a8"].student)],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
