@@ -11,20 +11,23 @@ from mimiq_deploy.quant import QuantConfig, TensorQuantizer, parse_bits
 
 
 def _ort_qdq(x: np.ndarray, scale: np.ndarray, bits: int, axis: int | None,
-             unsigned: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(integer codes, dequantized values) from ONNX Runtime."""
-    qtype = {(8, False): TensorProto.INT8, (4, False): TensorProto.INT4, (4, True): TensorProto.UINT4}[bits, unsigned]
-    zp = np.zeros(scale.shape, dtype=np.int8)
+             unsigned: bool = False, fp8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, dequantized values) from ONNX Runtime: integer codes as int32, E4M3FN codes (fp8) as float32."""
+    if fp8:
+        zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, scale.shape, bytes(scale.size), raw=True)
+    else:
+        qtype = {(8, False): TensorProto.INT8, (4, False): TensorProto.INT4, (4, True): TensorProto.UINT4}[bits, unsigned]
+        zp = helper.make_tensor("zp", qtype, scale.shape, np.zeros(scale.shape, dtype=np.int8).flatten().tolist())
+    codes_type = TensorProto.FLOAT if fp8 else TensorProto.INT32
     attrs = {"axis": axis} if axis is not None else {}
     nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
              helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], **attrs),
-             helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.INT32)]
+             helper.make_node("Cast", ["q"], ["codes"], to=codes_type)]
     graph = helper.make_graph(
         nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape),
-         helper.make_tensor_value_info("codes", TensorProto.INT32, x.shape)],
-        [numpy_helper.from_array(scale.astype(np.float32), "scale"),
-         helper.make_tensor("zp", qtype, zp.shape, zp.flatten().tolist())])
+         helper.make_tensor_value_info("codes", codes_type, x.shape)],
+        [numpy_helper.from_array(scale.astype(np.float32), "scale"), zp])
     # IR 10 (ONNX 1.16): an onnx newer than onnxruntime would write an IR version the runtime cannot read
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(model)
@@ -75,24 +78,6 @@ def test_unsigned_fake_quant_equals_onnx_uint4():
     assert (q.qmin, q.qmax) == (0, 15) and codes.min() == 0 and codes.max() == 15
 
 
-def _ort_fp8_qdq(x: np.ndarray, scale: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(E4M3FN codes as float32, dequantized values) from ONNX Runtime's FP8 QuantizeLinear -> DequantizeLinear."""
-    attrs = {"axis": axis} if axis is not None else {}
-    zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, scale.shape, bytes(scale.size), raw=True)
-    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], **attrs),
-             helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"], **attrs),
-             helper.make_node("Cast", ["q"], ["codes"], to=TensorProto.FLOAT)]
-    graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape),
-         helper.make_tensor_value_info("codes", TensorProto.FLOAT, x.shape)],
-        [numpy_helper.from_array(scale.astype(np.float32), "scale"), zp])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.checker.check_model(model)
-    y, codes = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    return codes, y
-
-
 @pytest.mark.parametrize("kind", ["activation", "weight"])
 def test_fp8_fake_quant_equals_onnx_fp8_qdq(kind):
     """E4M3FN: the student's fake quant is ONNX Runtime's FP8 Q -> DQ to the bit, saturating at +-448 steps."""
@@ -109,7 +94,7 @@ def test_fp8_fake_quant_equals_onnx_fp8_qdq(kind):
     # subnormals (below 2^-6) and values half-way between two FP8 neighbours (1 + 1/16: between 1 and 1.125)
     x.view(-1)[:6] = torch.tensor([2 ** -9, 3 * 2 ** -10, 1.0625, 1.1875, -1.0625, 500.0]) * s.reshape(-1)[0]
     ours = q(x).detach().numpy()
-    codes, theirs = _ort_fp8_qdq(x.numpy(), q.scale.detach().numpy(), axis)
+    codes, theirs = _ort_qdq(x.numpy(), q.scale.detach().numpy(), 8, axis, fp8=True)
     assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
     assert np.abs(codes).max() == 448 and q.qmax == 448
     assert codes.reshape(-1)[2:5].tolist() == [1.0, 1.25, -1.0]  # ties to the even mantissa

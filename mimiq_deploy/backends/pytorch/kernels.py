@@ -75,10 +75,14 @@ class IntLinear(nn.Module):
         codes = F.pad(codes, (0, self.pad_k, 0, self.pad_n))
         # (N, K) row-major, used as its transpose: the column-major right operand both CPU and cuBLASLt prefer
         self.register_buffer("w_codes", codes.contiguous())
+        self._keep_scales(q)
+
+    def _keep_scales(self, q: QuantLinear) -> None:
+        """The static activation step, the fused rescale s_x * s_w and the bias (zeros without one)."""
         self.register_buffer("x_scale", q.input_quant.scale.detach().float().clone())
         self.register_buffer("rescale", (q.input_quant.scale.detach().float() * q.weight_quant.scale.detach().float()))
         self.register_buffer("bias", q.bias.detach().float().clone() if q.bias is not None else
-                             torch.zeros(n, device=q.weight.device))
+                             torch.zeros(q.out_features, device=q.weight.device))
 
     def notes(self) -> list[str]:
         out = []
@@ -116,10 +120,7 @@ class Fp8Linear(IntLinear):
         self.pad_k, self.pad_n, self.pad_rows = -q.in_features % multiple, -q.out_features % multiple, 0
         codes = F.pad(weight_codes(q.weight, q.weight_quant), (0, self.pad_k, 0, self.pad_n))
         self.register_buffer("w_codes", codes.to(torch.float8_e4m3fn).contiguous())    # (N, K)
-        self.register_buffer("x_scale", q.input_quant.scale.detach().float().clone())
-        self.register_buffer("rescale", (q.input_quant.scale.detach().float() * q.weight_quant.scale.detach().float()))
-        self.register_buffer("bias", q.bias.detach().float().clone() if q.bias is not None else
-                             torch.zeros(self.out_features, device=q.weight.device))
+        self._keep_scales(q)
         self.register_buffer("one", torch.ones((), device=q.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
