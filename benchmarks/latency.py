@@ -13,6 +13,12 @@ each in ONNX Runtime and in OpenVINO (when `openvino` is installed), all timed i
 interleaved rounds of back-to-back runs (bench.time_interleaved), 2 threads. Ratios are FP32 twin (ONNX Runtime)
 p50 / p50.
 
+With OpenVINO installed, the OpenVINO back end's own artifacts of the same builds (`ov-cpu-<bits>`: the graph
+build rewrites for OpenVINO's int8 kernels, and `ov-cpu-fp32`, both compiled with the back end's settings: float
+ops at f32) are timed in the same rounds, and a first table per model sets the two back ends side by side: each
+artifact against its own engine's FP32 and against ONNX Runtime's. `--engines-only` times just those (no ORT
+quantizers, no standard-ONNX duplicates).
+
     pip install -e '.[bench]'      # onnx-ir, which ORT's MatMulNBits quantizer imports ('.[openvino]' too, optionally)
     PYTHONPATH=. python benchmarks/latency.py --out benchmarks/LATENCY.md
 """
@@ -33,7 +39,7 @@ from mimiq_deploy.build import build
 from mimiq_deploy.backends.onnxruntime.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
 from mimiq_deploy.export import ExportConfig, export_student
-from mimiq_deploy.run_dir import FLOAT_ONNX
+from mimiq_deploy.run_dir import FLOAT_ONNX, RunDir
 from mimiq_deploy.finetune import ptq_student
 from mimiq_deploy.quant import parse_bits
 
@@ -94,34 +100,66 @@ def openvino_sampler(path: Path, x: np.ndarray, threads: int):
     return sample, getattr(hint, "type_name", None) or str(hint)
 
 
-def candidates(model: str, work: Path, bits_list: list[str]) -> dict:
-    """{label: onnx path}: FP32 twin, ORT's quantizers, this project's built artifacts; the calibration set;
-    {label: standard-ONNX path} where the ORT graph holds ORT-only ops (what OpenVINO reads instead)."""
+def candidates(model: str, work: Path, bits_list: list[str], peers: bool = True) -> tuple:
+    """{label: onnx path}: FP32 twin, ORT's quantizers (peers), this project's built artifacts; the calibration set;
+    {label: standard-ONNX path} where the ORT graph holds ORT-only ops (what OpenVINO reads instead);
+    {label: Artifact} of the OpenVINO back end's builds (run by its own runner)."""
     teacher, images, calib = teacher_and_images(model)
     torch.manual_seed(0)
-    cands, portable = {}, {}
+    cands, portable, ov_arts = {}, {}, {}
     for bits in bits_list:
         run = work / model / bits
         if not (run / "build.json").exists():
             student = ptq_student(teacher, parse_bits(bits), images)
             export_student(student, run, ExportConfig(), progress=lambda m: None)
-            build(run, progress=lambda m: None)
-        import json
-        built = json.loads((run / "build.json").read_text())
+            build(run, progress=lambda m: None, backends=["onnxruntime", "openvino"])
+        built = RunDir.of(run).read_build()
         if "FP32 twin" not in cands:
             cands["FP32 twin"] = run / "export" / FLOAT_ONNX
-            cands.update(ort_peers(run / "export" / FLOAT_ONNX, images.numpy(), run))
-        for name, art in built["artifacts"].items():
-            if art["backend"] == "onnxruntime" and not art.get("reference") and not name.endswith("fp32") \
-                    and art.get("provider") == "CPUExecutionProvider":
-                if name.endswith("w4a16") and any(k.endswith("w4a16") for k in cands):
+            if peers:
+                cands.update(ort_peers(run / "export" / FLOAT_ONNX, images.numpy(), run))
+        for name, art in built.artifacts.items():
+            if art.backend == "openvino":
+                label = OV_FP32 if not art.quantized else f"mimiq {bits} (OpenVINO back end: {art.precision})"
+                ov_arts.setdefault(label, art)
+            if art.backend == "onnxruntime" and not art.reference and not name.endswith("fp32") \
+                    and art.provider == "CPUExecutionProvider":
+                if name.endswith("w4a16") and (not peers or any(k.endswith("w4a16") for k in cands)):
                     continue  # w4a8 and w4a4 students share one weight-only graph
-                label = f"mimiq {name.removeprefix('ort-cpu-')} ({art['precision']})"
-                cands[label] = Path(art["path"])
-                if "portable" in art:  # also time the standard graph of the same build: what the bias fusion buys
-                    portable[label] = Path(art["portable"])
+                label = f"mimiq {name.removeprefix('ort-cpu-')} ({art.precision})"
+                cands[label] = Path(art.path)
+                if art.info.get("portable") and peers:  # the standard graph of the same build: what the bias fusion buys
+                    portable[label] = Path(art.info["portable"])
                     cands[f"mimiq {name.removeprefix('ort-cpu-')} standard ONNX (bias Add separate)"] = portable[label]
-    return cands, calib, portable
+    return cands, calib, portable, ov_arts
+
+
+OV_FP32 = "FP32 twin (OpenVINO back end: f32)"
+
+
+def engines_table(results: dict, cands: dict, ov_arts: dict, batches: list[int]) -> list[str]:
+    """ONNX Runtime against OpenVINO, each back end's own artifacts: p50, x its own FP32, x ONNX Runtime's FP32."""
+    rows = [("FP32 twin", "ONNX Runtime", "FP32 twin", "ONNX Runtime")]
+    rows += [(label, "ONNX Runtime", "FP32 twin", "ONNX Runtime") for label in cands
+             if label.startswith("mimiq") and "standard ONNX" not in label]
+    if ov_arts:
+        rows.append(("FP32 twin", "OpenVINO", "FP32 twin", "OpenVINO"))  # OpenVINO's defaults (bf16 where it can)
+        rows += [(label, "OpenVINO", OV_FP32, "OpenVINO") for label in ov_arts]
+    out = ["| engine | artifact | " + " | ".join(f"b{b} p50 ms | b{b} x own FP32 | b{b} x ORT FP32" for b in batches)
+           + " |", "|---|---|" + "---|---|---|" * len(batches)]
+    for label, engine, twin, twin_engine in rows:
+        cells = []
+        for b in batches:
+            v, own, ort = (results.get(k) for k in ((label, engine, b), (twin, twin_engine, b),
+                                                    ("FP32 twin", "ONNX Runtime", b)))
+            if not isinstance(v, float):
+                cells += [v or "-", "", ""]
+                continue
+            cells += [f"{v:.2f}", f"{own / v:.2f}x" if isinstance(own, float) else "", f"{ort / v:.2f}x"]
+        name = "FP32 twin, OpenVINO's default precision hint" if (label, engine) == ("FP32 twin", "OpenVINO") \
+            else label
+        out.append(f"| {engine} | {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main():
@@ -136,6 +174,9 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("runs/latency"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/LATENCY.md"))
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--engines-only", action="store_true",
+                    help="time only the FP32 twin and this project's artifacts (no ORT quantizers, no standard-ONNX "
+                         "duplicates): the ONNX Runtime vs OpenVINO table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ort_backend = BACKENDS["onnxruntime"]
@@ -170,7 +211,9 @@ def main():
              "- x: FP32 twin in ONNX Runtime p50 / candidate p50 (> 1: faster than FP32).", ""]
     profiles = []
     for model in args.models.split(","):
-        cands, calib, portable = candidates(model, args.work, args.bits.split(","))
+        cands, calib, portable, ov_arts = candidates(model, args.work, args.bits.split(","),
+                                                     peers=not args.engines_only)
+        ov_arts = ov_arts if openvino else {}
         shape = tuple(onnx.load(str(cands["FP32 twin"])).graph.input[0].type.tensor_type.shape.dim)[1:]
         shape = tuple(d.dim_value for d in shape)
         results, precisions = {}, {}
@@ -180,12 +223,14 @@ def main():
             for label, path in cands.items():
                 samplers[(label, "ONNX Runtime")] = ort_backend.load(path, threads=args.threads).sampler(x)
                 already = label not in portable and path in portable.values()  # OpenVINO runs this graph already
-                if openvino and not already:
+                if openvino and not already and not (args.engines_only and label != "FP32 twin"):
                     try:
                         ov_path = portable.get(label, path)
                         samplers[(label, "OpenVINO")], precisions[label] = openvino_sampler(ov_path, x, args.threads)
                     except Exception as e:  # an op OpenVINO does not import: say so in the table
                         results[(label, "OpenVINO", b)] = f"fails: {str(e).splitlines()[0][:80]}"
+            for label, art in ov_arts.items():
+                samplers[(label, "OpenVINO")] = BACKENDS["openvino"].runner(art).sampler(x)
             print(f"{model} batch {b}: timing {len(samplers)} candidates", flush=True)
             big = b > 1  # long runs: fewer samples, unless they are short (--seconds)
             # Each turn runs one candidate back to back, as a deployed model runs (bench.turn_sizes). Alternating
@@ -195,15 +240,22 @@ def main():
             for (label, engine), t in times.items():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:
-                if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static")):
+                if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static")) \
+                        and not args.engines_only:
                     prof = ort_backend.profile_graph(cands[label], x, threads=args.threads, runs=5)
                     profiles.append((model, label, b, profile_breakdown(prof)))
         batches = [int(v) for v in args.batches.split(",")]
         lines += [f"## {model} (PTQ students calibrated on {calib})", "",
+                  "ONNX Runtime against OpenVINO, each back end's own `build` artifacts (x own FP32: over the same "
+                  "engine's FP32 twin, compiled with the same settings):", "",
+                  *engines_table(results, cands, ov_arts, batches), "", "Every candidate:", "",
                   "| candidate | engine | " + " | ".join(f"b{b} p50 ms | b{b} x" for b in batches) + " |",
                   "|---|---|" + "---|---|" * len(batches)]
-        for label in cands:
+        for label in [*cands, *ov_arts]:
             for engine in ("ONNX Runtime", "OpenVINO") if openvino else ("ONNX Runtime",):
+                if label in ov_arts and engine != "OpenVINO" or not any((label, engine, b) in results
+                                                                        for b in batches):
+                    continue  # the OpenVINO back end's artifacts run in OpenVINO; nothing timed: no row
                 cells = []
                 for b in batches:
                     v, ref = results.get((label, engine, b)), results[("FP32 twin", "ONNX Runtime", b)]
@@ -211,7 +263,8 @@ def main():
                 eng = engine + (f" ({precisions[label]})" if engine == "OpenVINO" and label in precisions else "")
                 lines.append(f"| {label} | {eng} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Where the time goes (ONNX Runtime profiler, share of kernel time by op group)", "",
+    lines += [] if args.engines_only else [
+              "## Where the time goes (ONNX Runtime profiler, share of kernel time by op group)", "",
               "| model | candidate | batch | kernel ms | shares |", "|---|---|---|---|---|"]
     for model, label, b, p in profiles:
         shares = ", ".join(f"{g} {v:.0f}%" for g, v in p["by_group"].items() if v >= 1)
