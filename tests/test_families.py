@@ -197,8 +197,8 @@ def test_tiny_run_of_a_timm_model_passes_verify_and_both_checks(name, tmp_path, 
     r = cli("finetune", *teacher, "--data", run, "--bits", "w8a8", "--epochs", 1, "--batch-size", 2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "finetune.json").read_text())["history"][0]["had"] > 0
-    for verb in ("export", "build"):
-        r = cli(verb, run)
+    for verb in (("export",), ("build", "--backend", "onnxruntime")):  # OpenVINO / PyTorch have their own tests
+        r = cli(*verb, run)
         assert r.returncode == 0, (verb, r.stderr[-2000:])
     built = json.loads((run / "build.json").read_text())["artifacts"]["ort-cpu-w8a8"]
     assert built["integer_kernels"].get("QLinearMatMul", 0) + built["integer_kernels"].get("MatMulIntegerToFloat", 0) > 0
