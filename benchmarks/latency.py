@@ -5,6 +5,8 @@ Per model (fmnist-vit, the embedded default; random-init deit_tiny / deit_small)
 - ONNX Runtime's own `quantize_static` QDQ output of the same float graph (QDQ format, per-channel
   weights, its default int8 types and MinMax calibration on the same images as our students);
 - ONNX Runtime's weight-only INT4 of the same float graph (`MatMulNBitsQuantizer`, block 32, symmetric);
+- with nvidia-modelopt installed (the `peers` extra), ModelOpt's ONNX PTQ of the same float graph on the same
+  images: INT8 (max), FP8 (max, simulated in ONNX Runtime) and INT4 weight-only (rtn_dq);
 - this project's artifacts of `build` on this host (W8A8; W4A8 in 8-bit containers, packed INT4, w4a16; the
   A8 graphs also as the standard-ONNX graph of the same build, without the bias fused into the integer matmul),
   from PTQ students (calibration only, finetune epochs 0): fmnist-vit on 64 training images,
@@ -83,6 +85,27 @@ def ort_peers(fp32: Path, images: np.ndarray, out: Path) -> dict:
     return peers
 
 
+MODELOPT_MODES = (("int8", "max"), ("fp8", "max"), ("int4", "rtn_dq"))
+
+
+def modelopt_peers(fp32: Path, images: np.ndarray, out: Path) -> dict:
+    """NVIDIA ModelOpt's ONNX PTQ of the same float graph, calibrated on the same images, FP32 outside its Q/DQ
+    (its default, FP16, is for TensorRT; ONNX Runtime's CPU provider runs FP16 ops slowly); {} without the `peers`
+    extra. INT4 awq_clip is left out: ONNX Runtime's CPU provider refuses its block scales (RESULTS.md)."""
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError:
+        return {}
+    peers = {}
+    for mode, method in MODELOPT_MODES:
+        graph = out / f"modelopt_{mode}_{method}.onnx"
+        if not graph.exists():
+            quantize(str(fp32), quantize_mode=mode, calibration_method=method, calibration_data={"input": images},
+                     calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(graph))
+        peers[f"ModelOpt {mode.upper()} ({method})"] = graph
+    return peers
+
+
 def openvino_sampler(path: Path, x: np.ndarray, threads: int):
     import openvino as ov
     core = ov.Core()
@@ -118,6 +141,7 @@ def candidates(model: str, work: Path, bits_list: list[str], peers: bool = True)
             cands["FP32 twin"] = run / "export" / FLOAT_ONNX
             if peers:
                 cands.update(ort_peers(run / "export" / FLOAT_ONNX, images.numpy(), run))
+                cands.update(modelopt_peers(run / "export" / FLOAT_ONNX, images.numpy(), run))
         for name, art in built.artifacts.items():
             if art.backend == "openvino":
                 label = OV_FP32 if not art.quantized else f"mimiq {bits} (OpenVINO back end: {art.precision})"
@@ -240,7 +264,7 @@ def main():
             for (label, engine), t in times.items():
                 results[(label, engine, b)] = float(np.percentile(t, 50))
             for label in cands:
-                if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static")) \
+                if label.startswith(("mimiq w8a8", "mimiq w4a8", "FP32", "ORT quantize_static", "ModelOpt INT8")) \
                         and not args.engines_only:
                     prof = ort_backend.profile_graph(cands[label], x, threads=args.threads, runs=5)
                     profiles.append((model, label, b, profile_breakdown(prof)))
