@@ -111,13 +111,15 @@ def synthesis_seconds(manifest) -> float:
     return manifest.recipe["num_images"] * manifest.recipe["steps"] / rate if rate else 0.0
 
 
-def modelopt_ptq(float_graph: Path, calib, mode: str, method: str, out: Path) -> float:
+def modelopt_ptq(float_graph: Path, calib, mode: str, method: str, out: Path,
+                 high_precision: str | None = None) -> tuple[float, str | None]:
     """ModelOpt's ONNX PTQ through its own CLI, its defaults but the mode, the calibration method (and the CPU to
-    calibrate on); calib: an export-calib npz, or None (ModelOpt then calibrates on random data). Returns the
-    seconds and why it failed (None when it did not)."""
+    calibrate on); calib: an export-calib npz, or None (ModelOpt then calibrates on random data); high_precision:
+    its --high_precision_dtype (default FP16). Returns the seconds and why it failed (None when it did not)."""
     cmd = [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(float_graph),
            "--quantize_mode", mode, "--calibration_method", method, "--calibration_eps", "cpu",
-           "--output_path", str(out)] + (["--calibration_data_path", str(calib)] if calib else [])
+           "--output_path", str(out)] + (["--calibration_data_path", str(calib)] if calib else []) \
+        + (["--high_precision_dtype", high_precision] if high_precision else [])
     t0 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # the table says so; the other columns still run

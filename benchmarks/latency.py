@@ -37,7 +37,7 @@ import torch
 
 from mimiq_deploy.backends import BACKENDS
 from mimiq_deploy.bench import SETTLE_S, TURN_S, profile_breakdown, time_interleaved
-from mimiq_deploy.build import build
+from mimiq_deploy.build import INPUT_NAME, build
 from mimiq_deploy.backends.onnxruntime.encoding import DOT_PRODUCT_FLAGS, cpu_flags, host_encoding
 from mimiq_deploy.io import atomic_write_text
 from mimiq_deploy.export import ExportConfig, export_student
@@ -100,7 +100,7 @@ def modelopt_peers(fp32: Path, images: np.ndarray, out: Path) -> dict:
     for mode, method in MODELOPT_MODES:
         graph = out / f"modelopt_{mode}_{method}.onnx"
         if not graph.exists():
-            quantize(str(fp32), quantize_mode=mode, calibration_method=method, calibration_data={"input": images},
+            quantize(str(fp32), quantize_mode=mode, calibration_method=method, calibration_data={INPUT_NAME: images},
                      calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(graph))
         peers[f"ModelOpt {mode.upper()} ({method})"] = graph
     return peers

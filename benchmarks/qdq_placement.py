@@ -16,12 +16,12 @@ Prints a Markdown table (and writes it with --results).
 """
 import argparse
 import collections
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import onnx
+from accuracy import modelopt_ptq
 
 from mimiq_deploy.backends.tensorrt import TRT_ONNX
 from mimiq_deploy.backends.tensorrt.attention import attention_blocks
@@ -32,16 +32,6 @@ from mimiq_deploy.run_dir import FLOAT_ONNX, RunDir
 
 COMPUTE = ("MatMul", "Gemm", "Conv")
 LAYOUT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Split", "Slice", "Gather", "Concat")
-
-
-def modelopt(float_graph: Path, calib: Path, mode: str, out: Path) -> Path:
-    cmd = [sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(float_graph), "--quantize_mode",
-           mode, "--calibration_method", "max", "--calibration_data_path", str(calib), "--calibration_eps", "cpu",
-           "--high_precision_dtype", "fp32", "--output_path", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"ModelOpt failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    return out
 
 
 def _dq_source(tensor: str, producer: dict) -> onnx.NodeProto | None:
@@ -118,6 +108,8 @@ def main():
     ap.add_argument("--results", type=Path, default=None, help="also write the table to this Markdown file")
     args = ap.parse_args()
     rd = RunDir(args.run)
+    if not rd.export_record.exists():
+        sys.exit(f"{args.run} has no export (run `mimiq-deploy quantize` or `export` on it first)")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -125,8 +117,11 @@ def main():
         bits = rd.read_export().bits
         columns = {f"MimiQ {bits} (TensorRT graph)": rd.graph(TRT_ONNX)}
         for mode in ("int8", "fp8") if args.fp8 else ("int8",):
-            columns[f"ModelOpt {mode.upper()} (max)"] = modelopt(rd.graph(FLOAT_ONNX), calib, mode,
-                                                                  out / f"modelopt_{mode}.onnx")
+            graph = out / f"modelopt_{mode}.onnx"
+            failed = modelopt_ptq(rd.graph(FLOAT_ONNX), calib, mode, "max", graph, high_precision="fp32")[1]
+            if failed:
+                sys.exit(failed)
+            columns[f"ModelOpt {mode.upper()} (max)"] = graph
         lines = [f"Q/DQ placement in {args.run.name}'s ViT: this project's TensorRT graph and ModelOpt's PTQ of the "
                  "same float graph (calibrated on the run's synthetic set)", "", *table(columns)]
     print("\n".join(lines))

@@ -160,17 +160,22 @@ def test_quantize_static_takes_the_synthetic_set(run_dir, tmp_path):
     assert got.shape == ref.shape and _cosine(got, ref) > 0.95
 
 
-def test_modelopt_takes_the_npz_as_is(run_dir, tmp_path):
-    """ModelOpt's own CLI with the npz as its calibration data (runs where nvidia-modelopt is installed)."""
-    pytest.importorskip("modelopt.onnx.quantization")
+def _modelopt_on_the_npz(run_dir: RunDir, out):
+    """ModelOpt's own CLI, INT8 max-calibrated on export-calib's npz of the run (FP32 outside its Q/DQ)."""
     invoke("export-calib", run_dir.root)
-    out = tmp_path / "modelopt_int8.onnx"
     proc = subprocess.run([sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", run_dir.graph(FLOAT_ONNX),
                            "--quantize_mode", "int8", "--calibration_method", "max",
                            "--calibration_data_path", run_dir.root / "calib" / "calib.npz",
                            "--calibration_eps", "cpu", "--high_precision_dtype", "fp32", "--output_path", out],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_modelopt_takes_the_npz_as_is(run_dir, tmp_path):
+    """ModelOpt's own CLI with the npz as its calibration data (runs where nvidia-modelopt is installed)."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    out = _modelopt_on_the_npz(run_dir, tmp_path / "modelopt_int8.onnx")
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     x = shard_images(run_dir)[0]
@@ -191,19 +196,11 @@ def test_modelopt_on_the_npz_scores_as_on_the_images_themselves(run_dir, tmp_pat
     images handed over in memory (its Python API): Fashion-MNIST top-1 within 0.2 on 2,000 test images. The
     benchmark (benchmarks/accuracy.py rows 14-16) reproduces the preset's table the same way."""
     quantization = pytest.importorskip("modelopt.onnx.quantization")
-    invoke("export-calib", run_dir.root)
-    options = dict(quantize_mode="int8", calibration_method="max", calibration_eps=["cpu"],
-                   high_precision_dtype="fp32")
-    by_file = tmp_path / "by_file.onnx"
-    proc = subprocess.run([sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", run_dir.graph(FLOAT_ONNX),
-                           "--quantize_mode", "int8", "--calibration_method", "max",
-                           "--calibration_data_path", run_dir.root / "calib" / "calib.npz",
-                           "--calibration_eps", "cpu", "--high_precision_dtype", "fp32", "--output_path", by_file],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    in_memory = tmp_path / "in_memory.onnx"
-    quantization.quantize(str(run_dir.graph(FLOAT_ONNX)), calibration_data={INPUT_NAME: shard_images(run_dir)[0]},
-                          output_path=str(in_memory), **options)
+    by_file = _modelopt_on_the_npz(run_dir, tmp_path / "by_file.onnx")
+    in_memory = tmp_path / "in_memory.onnx"  # the same settings through the Python API
+    quantization.quantize(str(run_dir.graph(FLOAT_ONNX)), quantize_mode="int8", calibration_method="max",
+                          calibration_data={INPUT_NAME: shard_images(run_dir)[0]}, calibration_eps=["cpu"],
+                          high_precision_dtype="fp32", output_path=str(in_memory))
     float_top1, file_top1, memory_top1 = (_fmnist_top1(g, run_dir) for g in (run_dir.graph(FLOAT_ONNX), by_file, in_memory))
     assert abs(file_top1 - memory_top1) <= 0.2, (file_top1, memory_top1)
     assert file_top1 > float_top1 - 5.0, (file_top1, float_top1)  # a working INT8 model, not a broken calibration
