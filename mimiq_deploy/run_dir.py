@@ -146,13 +146,15 @@ class ExportRecord:
 
 @dataclasses.dataclass
 class VerifyRow(Record):
-    """One artifact against the fake-quant student. checked: the thresholds bind it (integer QDQ graphs)."""
+    """One artifact against the fake-quant student. checked: the thresholds bind it (integer and weight-only
+    artifacts; not float twins)."""
     precision: str = ""
-    agreement: float = 0.0          # top-1 agreement with the student, percent
+    agreement: float = 0.0          # top-1 agreement with the reference, percent
     cosine: float = 0.0             # mean logit cosine similarity
     max_abs_error: float = 0.0
     top1: float = 0.0               # on the labelled eval set, percent
     checked: bool = False
+    reference: str = "student"      # "student", or "weight-only student" (its activation quantizers off)
 
 
 @dataclasses.dataclass

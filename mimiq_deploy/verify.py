@@ -2,8 +2,10 @@
 
 The same inputs go to the PyTorch student and to every artifact of build.json; reported:
 top-1 agreement with the student, mean logit cosine similarity, max abs logit error, and
-top-1 accuracy on the labelled eval set.
+top-1 accuracy on the labelled eval set. Weight-only artifacts (W4A16: INT4 weights, float activations) are
+compared with what they implement, the student with its activation quantizers off.
 """
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tqdm import tqdm
 from .backends import BACKENDS
 from .evaluate import eval_dataset, top1_correct
 from .export import stored_export_config
+from .quant.convert import set_quant_enabled
 from .quant.student import load_student
 from .run_dir import RunDir, VerifyRecord, VerifyRow
 
@@ -40,13 +43,19 @@ def verify(run_dir, val_dir: Path | None = None, data_dir: Path | None = None, l
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     runners = {name: BACKENDS[a.backend].runner(a) for name, a in built.artifacts.items()}
     tallies = {name: _Tally() for name in runners}
+    weight_only = {name for name, a in built.artifacts.items() if a.weight_only}
+    weight_only_student = None
+    if weight_only:
+        weight_only_student = copy.deepcopy(student)
+        set_quant_enabled(weight_only_student, False, activations_only=True)
     student_correct = n = 0
     for x, y in tqdm(DataLoader(dataset, batch_size), desc="verify", unit="batch", disable=not progress):
-        ref = student(x).numpy()
-        student_correct += top1_correct(ref, y.numpy())
+        full = student(x).numpy()
+        student_correct += top1_correct(full, y.numpy())
         n += len(y)
+        refs = {False: full, True: weight_only_student(x).numpy() if weight_only_student is not None else None}
         for name, run in runners.items():
-            out, t = run(x.numpy()), tallies[name]
+            out, t, ref = run(x.numpy()), tallies[name], refs[name in weight_only]
             t.agree += top1_correct(out, ref.argmax(1))
             t.correct += top1_correct(out, y.numpy())
             cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
@@ -55,10 +64,11 @@ def verify(run_dir, val_dir: Path | None = None, data_dir: Path | None = None, l
     record = VerifyRecord(dataset_name, n, 100.0 * student_correct / n, thresholds=dataclasses.asdict(thresholds))
     for name, t in tallies.items():
         art = built.artifacts[name]
-        # Thresholds bind artifacts that implement the student's arithmetic (integer QDQ graphs);
-        # float twins and weight-only engines compute something else on purpose.
+        # Thresholds bind artifacts that implement the student's arithmetic (integer QDQ graphs, and weight-only
+        # ones against the weight-only student); float twins compute something else on purpose.
         row = VerifyRow(art.precision, 100.0 * t.agree / n, t.cosine_sum / n, t.max_err, 100.0 * t.correct / n,
-                        checked=art.quantized and not art.weight_only)
+                        checked=art.quantized,
+                        reference="weight-only student" if art.weight_only else "student")
         if row.checked and (row.agreement < thresholds.min_agreement or row.cosine < thresholds.min_cosine):
             record.failed.append(name)
         record.artifacts[name] = row
@@ -73,6 +83,9 @@ def format_verify(report: VerifyRecord | dict) -> str:
              f"{'artifact':<22} {'precision':<28} {'agree %':>8} {'cosine':>8} {'max err':>9} {'top-1 %':>8}  check"]
     for name, r in report.artifacts.items():
         verdict = ("FAIL" if name in report.failed else "ok") if r.checked else "-"
-        lines.append(f"{name:<22} {r.precision[:28]:<28} {r.agreement:8.2f} {r.cosine:8.5f} "
+        mark = "*" if r.reference != "student" else " "
+        lines.append(f"{name:<22}{mark}{r.precision[:28]:<28} {r.agreement:8.2f} {r.cosine:8.5f} "
                      f"{r.max_abs_error:9.4f} {r.top1:8.2f}  {verdict}")
+    if any(r.reference != "student" for r in report.artifacts.values()):
+        lines.append("* weight-only: against the student with its activation quantizers off")
     return "\n".join(lines)

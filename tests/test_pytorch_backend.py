@@ -70,13 +70,16 @@ def test_build_names_its_artifacts_and_skips(runs):
     assert "attention matmuls in float" in art.precision and "_int_mm" in art.precision
     assert art.info["kernels"]["aten._int_mm"] == 6 * 4 + 1  # qkv, proj, fc1, fc2 of 6 blocks, and the head
     assert Path(w8.artifacts["pt-cpu-w8a8-export"].path).suffix == ".pt2"
+    # each variant has the float twin's same variant (bench compares like with like)
+    assert w8.artifacts["pt-cpu-w8a8-export"].float_twin == "pt-cpu-fp32-export"
+    assert not w8.artifacts["pt-cpu-fp32-export"].quantized and "pt-cpu-fp32-compiled" in w8.skipped
     w4a16 = w4.artifacts["pt-cpu-w4a16"]
     assert w4a16.weight_only and "weight-only INT4" in w4a16.precision
     assert w4a16.info["kernels"].get("aten._weight_int4pack_mm_for_cpu") == 25
 
 
 def test_integer_artifacts_pass_verify(runs):
-    for bits, names in (("w8a8", ["pt-cpu-w8a8", "pt-cpu-w8a8-export"]), ("w4a8", ["pt-cpu-w4a8"])):
+    for bits, names in (("w8a8", ["pt-cpu-w8a8", "pt-cpu-w8a8-export"]), ("w4a8", ["pt-cpu-w4a8", "pt-cpu-w4a16"])):
         verify(runs[bits], limit=200, progress=False)
         record = runs[bits].read_verify()
         for name in names:
@@ -84,6 +87,10 @@ def test_integer_artifacts_pass_verify(runs):
             assert row.checked and name not in record.failed, (name, row)
             assert row.agreement >= 99.5 and row.cosine >= 0.999, (name, row)
         assert not record.artifacts["pt-cpu-fp32"].checked
+    # W4A16 computes INT4 weights on float activations: verify holds it to the student with activation quantizers off
+    record = runs["w4a8"].read_verify()
+    assert record.artifacts["pt-cpu-w4a16"].reference == "weight-only student"
+    assert record.artifacts["pt-cpu-w4a8"].reference == "student"
 
 
 class _Ops(TorchDispatchMode):
@@ -191,5 +198,8 @@ def test_gpu_benchmark_script_runs_its_cpu_smoke(runs, tmp_path):
     result = json.loads((tmp_path / "gpu.json").read_text())
     measured = [row for row in result["rows"] if row.get("p50_ms") is not None]
     assert measured and all(row["model"] == "fmnist-vit" and row["batch"] == 1 for row in measured)
+    # each variant's agreement with the model it implements, on real images (the student given for INT8)
+    for row in measured:
+        assert row["agreement"] >= 95 and row["cosine"] > 0.99 and "Fashion-MNIST" in row["agreement_on"], row
     assert any(row.get("skipped") for row in result["rows"])  # the CUDA rows, each with its reason
     assert (tmp_path / "gpu.md").read_text().startswith("#")

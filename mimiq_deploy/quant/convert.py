@@ -78,9 +78,12 @@ def quant_modules(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+def set_quant_enabled(model: nn.Module, enabled: bool, activations_only: bool = False) -> None:
+    """Quantization on or off; activations_only: only the activation quantizers (per-tensor, axis None), which
+    turns the student into what a weight-only (W4A16) engine computes."""
     for q in quant_modules(model).values():
-        q.enabled = enabled
+        if not activations_only or q.axis is None:
+            q.enabled = enabled
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ It builds from student.pt, not from an exported graph. Per bit setting (kernels.
 - `pt-<dev>-fp8` (fp8 students): every projection on `torch._scaled_mm` (E4M3FN x E4M3FN -> float32), the same
   scales and rescale as W8A8; where torch has no FP8 GEMM (CUDA before sm_89, older torch on the CPU) it is skipped.
 - `-compiled` (torch.compile) and `-export` (torch.export, export/<name>.pt2, loadable without this package).
-- `pt-cpu-fp32` (CUDA hosts: `pt-cuda-fp16`, `pt-cuda-bf16`): the float twins, eager.
+- `pt-cpu-fp32` (CUDA hosts: `pt-cuda-fp16`, `pt-cuda-bf16`): the float twins, with their own -compiled and
+  -export variants: bench times each integer variant against the twin's same variant (compiled against compiled).
 4-bit activations are skipped: PyTorch has no kernel for them.
 
 Core ops rather than torchao: torchao is an optional install, its int8 dynamic-activation configs compute the
@@ -146,10 +147,14 @@ class PyTorchBackend(Backend):
             twins = {"float32": f"pt-{device}-fp32"} if device == "cpu" else \
                 {"float16": f"pt-{device}-fp16", "bfloat16": f"pt-{device}-bf16"}
             for dtype, twin in twins.items():
+                precision = f"{SHORT[dtype]} (the student, quantization off)"
                 result.artifacts[twin] = Artifact(
-                    self.name, str(student_path), f"{SHORT[dtype]} (the student, quantization off), eager", False,
+                    self.name, str(student_path), f"{precision}, eager", False,
                     provider=device, info=self._info("float", "eager", device, dtype, input_size))
                 ctx.progress(f"built {twin}")
+                # the twin's own compiled / exported variants: each integer variant is timed against its like
+                self._variants(ctx, result, table, twin, float_twin_model(student_path, device, DTYPES[dtype]),
+                               precision, "float", device, dtype, input_size, {}, dict(quantized=False, provider=device))
             todo = []
             if qc.fp8:
                 ok, why = fp8_gemm_available(device)
@@ -187,6 +192,18 @@ class PyTorchBackend(Backend):
                                           info=self._info(mode, "eager", device, dtype, input_size, **layers),
                                           **common)
         ctx.progress(f"built {name}: {layers['kernels']}")
+        self._variants(ctx, result, table, name, model, precision, mode, device, dtype, input_size, layers, common)
+
+    def _variants(self, ctx, result, table, name, model, precision, mode, device, dtype, input_size, layers, common):
+        """`name`-compiled (torch.compile) and `name`-export (torch.export, export/<name>-export.pt2) of the eager
+        module `model`, each checked against it; a quantized variant's float twin is the twin's same variant where
+        it was built."""
+        rd = ctx.run_dir
+
+        def twin_of(suffix: str) -> dict:
+            twin = common.get("float_twin")
+            return {**common, "float_twin": f"{twin}{suffix}"} if twin and f"{twin}{suffix}" in result.artifacts \
+                else common
         example = torch.randn(2, *input_size, device=device).to(DTYPES[dtype])
         with torch.no_grad():
             reference = model(example)
@@ -206,7 +223,7 @@ class PyTorchBackend(Backend):
                 result.artifacts[f"{name}-compiled"] = Artifact(
                     self.name, str(rd.student), f"{precision}, torch.compile ({table.compile})",
                     info=self._info(mode, "compiled", device, dtype, input_size, compile_mode=table.compile,
-                                    compile_seconds=round(seconds, 1), **layers), **common)
+                                    compile_seconds=round(seconds, 1), **layers), **twin_of("-compiled"))
                 ctx.progress(f"built {name}-compiled (torch.compile {table.compile}, {seconds:.0f} s)")
             except Exception as e:  # Inductor's own errors (no C++ compiler, an op it cannot lower, ...)
                 result.skipped[f"{name}-compiled"] = f"torch.compile ({table.compile}) failed here: {_first_line(e)}"
@@ -224,7 +241,7 @@ class PyTorchBackend(Backend):
             result.artifacts[f"{name}-export"] = Artifact(
                 self.name, str(path), f"{precision}, torch.export",
                 info=self._info(mode, "export", device, dtype, input_size, export_seconds=round(time.time() - t0, 1),
-                                **layers), **common)
+                                **layers), **twin_of("-export"))
             ctx.progress(f"built {name}-export: {path}")
         except Exception as e:  # torch.export's own errors (a graph break it cannot trace, ...)
             result.skipped[f"{name}-export"] = f"torch.export failed here: {_first_line(e)}"
@@ -239,10 +256,9 @@ class PyTorchBackend(Backend):
             if not Path(artifact.path).is_file():
                 raise MimiqError(f"torch.export program not found: {artifact.path} (run `mimiq-deploy build` again)")
             module = torch.export.load(artifact.path).module()
-        elif mode == "float":
-            module = float_twin_model(Path(artifact.path), device, dtype)
         else:
-            module = kernel_model(Path(artifact.path), mode, device, dtype, info.get("pt_input_size"))
+            module = float_twin_model(Path(artifact.path), device, dtype) if mode == "float" else \
+                kernel_model(Path(artifact.path), mode, device, dtype, info.get("pt_input_size"))
             if variant == "compiled":
                 module = compile_module(module, info.get("compile_mode", "default"))
         return ModuleRunner(module, device, dtype)

@@ -147,7 +147,7 @@ def fp8_gemm_available(device) -> tuple[bool, str]:
         one = torch.ones((), device=device)
         torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         return True, ""
-    except (RuntimeError, NotImplementedError) as e:
+    except (RuntimeError, NotImplementedError, ValueError) as e:  # TORCH_CHECK_VALUE raises ValueError
         return False, f"torch {torch.__version__} has no FP8 GEMM on {device.type}: {str(e).splitlines()[0][:120]}"
 
 
