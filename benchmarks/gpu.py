@@ -4,7 +4,8 @@ Models, in this order (the one the issue asks the batch-128 ratio of first, so a
 random-init timm deit_base_patch16_224, fmnist-vit (the embedded teacher), deit_small_patch16_224 and
 swin_tiny_patch4_window7_224, each as PTQ students (calibrated on 8 Gaussian-noise images; fmnist-vit's W8A8 may be
 a given --student). Variants, each at batch 1, 32 and 128:
-- fp16-eager / fp16-graph / fp16-compiled: the float model in FP16, eager, replayed as one CUDA graph, and under
+- fp16-eager / fp16-graph / fp16-compiled: the stock float model in FP16 (timm's own attention: fused
+  scaled_dot_product_attention where timm uses it, as a user runs it), eager, replayed as one CUDA graph, and under
   torch.compile (mode "default", dynamic batch);
 - int8-eager / int8-graph / int8-compiled: the W8A8 student on torch._int_mm (backends/pytorch/kernels.py), float
   parts in FP16;
@@ -76,13 +77,18 @@ VARIANTS = ("fp16-eager", "fp16-graph", "fp16-compiled", "int8-eager", "int8-gra
 ROUNDS = 5
 
 
-def teacher_of(name: str):
+def models_of(name: str) -> tuple:
+    """(the stock model, as a user would run it in float: timm's own attention, fused SDPA where timm uses it;
+    the teacher: the same weights with the attention captured, which the students are built from)."""
+    from mimiq_deploy.families import capture_attention
     if name == "fmnist-vit":
         from mimiq_deploy.models import load_model
-        return load_model(name)
-    import timm
-    from mimiq_deploy.families import capture_attention
-    return capture_attention(timm.create_model(name, pretrained=False)).eval()
+        stock = load_model(name, capture=False)
+    else:
+        import timm
+        torch.manual_seed(0)
+        stock = timm.create_model(name, pretrained=False).eval()
+    return stock, capture_attention(copy.deepcopy(stock)).eval()
 
 
 def input_size(model) -> tuple:
@@ -166,7 +172,7 @@ def agreement(module, reference, x: torch.Tensor, dtype, batch: int = 256) -> di
 def kind_modules(name: str, device: str, kinds, w8_student) -> tuple[dict, dict, tuple]:
     """kind -> (module, dtype, reference model, precision note) for the kinds that build here, and kind -> why
     for the others."""
-    teacher = teacher_of(name).to(device)
+    stock, teacher = (m.to(device) for m in models_of(name))
     size = input_size(teacher)
     calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(0)).to(device)
     cuda = device == "cuda"
@@ -175,8 +181,8 @@ def kind_modules(name: str, device: str, kinds, w8_student) -> tuple[dict, dict,
     for kind in kinds:
         try:
             if kind == "fp16":
-                built[kind] = (copy.deepcopy(teacher).to(device, half).eval(), half, teacher,
-                               "FP16" if cuda else "FP32 (CPU)")
+                built[kind] = (stock.to(device, half).eval(), half, teacher,
+                               ("FP16" if cuda else "FP32 (CPU)") + ", timm's own attention")
             elif kind == "int8":
                 w8 = w8_student.to(device).eval() if w8_student is not None else \
                     ptq_student(teacher, parse_bits("w8a8"), calib)
@@ -270,7 +276,7 @@ def throughput_rows(name: str, device: str, steps: int, deadline) -> list[dict]:
     if deadline.passed():
         return [dict(model=name, stage=s, device=device, skipped="time limit (--max-seconds)")
                 for s in ("synthesize", "finetune")]
-    teacher = teacher_of(name).to(device)
+    teacher = models_of(name)[1].to(device)
     recipe_path = resolve_recipe_path(None, name)
     rows = []
     overrides = {"steps": steps, **({"batch_size": 4} if device == "cpu" else {})}

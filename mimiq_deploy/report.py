@@ -209,7 +209,8 @@ def render_markdown(report: ReportRecord, plots: list[str]) -> str:
            f"| teacher (PyTorch) | fp32 | {report.teacher.top1:.2f} | | | |",
            f"| student (PyTorch fake-quant) | {bits} | {v.student_top1:.2f} | 100 | 1 | 0 |"]
     for name, r in v.artifacts.items():
-        out.append(f"| {name} | {r.precision} | {r.top1:.2f} | {r.agreement:.2f} | {r.cosine:.5f} | "
+        against = "" if r.reference == "student" else f" (against the {r.reference}: activation quantizers off)"
+        out.append(f"| {name} | {r.precision}{against} | {r.top1:.2f} | {r.agreement:.2f} | {r.cosine:.5f} | "
                    f"{r.max_abs_error:.4f} |")
     for name, info in (report.build.backends if report.build else {}).items():  # what each back end's build chose
         lines = BACKENDS[name].report_lines(info) if name in BACKENDS else []
