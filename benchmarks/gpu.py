@@ -11,8 +11,8 @@ a given --student). Variants, each at batch 1, 32 and 128:
   parts in FP16;
 - w4a16-eager / w4a16-graph: the W4A8 student's INT4 weights on aten._weight_int4pack_mm, BF16 activations;
 - fp8-eager / fp8-graph: the fp8 student on torch._scaled_mm (E4M3FN; sm_89+), float parts in FP16.
-The variants of one batch size are timed in turns (5 rounds, each variant --seconds / 5 per round), so that a clock
-or thermal drift falls on all of them. Reported: p50 latency (CUDA events around the call, or around the graph's
+The variants of one batch size are timed in interleaved turns (bench.time_interleaved, at least --seconds each),
+so that a clock or thermal drift falls on all of them. Reported: p50 latency (CUDA events around the call, or around the graph's
 replay), images/s, the ratios p50(fp16-compiled) / p50 and p50(fp16-graph) / p50 (graphs against graphs: launch
 overhead off both sides), and top-1 agreement and logit cosine with the model the variant implements (the teacher in
 FP32 for the fp16 rows, the fake-quant student of that bit setting in FP32 otherwise; the weight-only student,
@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mimiq_deploy.backends.pytorch.backend import ModuleRunner, compile_module  # noqa: E402
+from mimiq_deploy.bench import time_interleaved  # noqa: E402
 from mimiq_deploy.backends.pytorch.kernels import describe, fp8_gemm_available, integer_model  # noqa: E402
 from mimiq_deploy.config import resolve_recipe_path  # noqa: E402
 from mimiq_deploy.errors import MimiqError  # noqa: E402
@@ -74,7 +75,6 @@ BATCHES = (1, 32, 128)
 KINDS = ("fp16", "int8", "w4a16", "fp8")
 VARIANTS = ("fp16-eager", "fp16-graph", "fp16-compiled", "int8-eager", "int8-graph", "int8-compiled",
             "w4a16-eager", "w4a16-graph", "fp8-eager", "fp8-graph")
-ROUNDS = 5
 
 
 def models_of(name: str) -> tuple:
@@ -118,30 +118,26 @@ def graph_sampler(module, x: np.ndarray, dtype):
     return sample
 
 
-def time_interleaved(samplers: dict, seconds: float, max_iters: int = 400) -> tuple[dict, dict]:
-    """p50 ms and images/s of each sampler, timed in turns; a sampler failing is reported, the others go on.
-    Returns (timings, failures)."""
-    times, failed, first = {}, {}, {}
+def failure(e: BaseException) -> str:
+    """A row's one-line reason: the exception's type and first line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def time_variants(samplers: dict, seconds: float) -> tuple[dict, dict]:
+    """p50 ms of each sampler, timed in interleaved turns by bench.time_interleaved after a first call per sampler
+    (torch.compile compiles there); a sampler failing is reported, the others go on. Returns (timings, failures)."""
+    ok, failed, first = {}, {}, {}
     for name, sample in samplers.items():
         try:
             t0 = time.time()
-            sample()  # the first call: torch.compile compiles here
+            sample()
             first[name] = time.time() - t0
-            for _ in range(2):
-                sample()
-            times[name] = []
+            ok[name] = sample
         except Exception as e:  # a kernel or the compiler failing on this host: its row says why
-            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    for r in range(ROUNDS):
-        for name in times:
-            end = time.time() + seconds / ROUNDS
-            while len(times[name]) < r + 1 or (time.time() < end and len(times[name]) < max_iters * (r + 1) / ROUNDS):
-                times[name].append(samplers[name]())
-    out = {}
-    for name, t in times.items():
-        p50 = float(np.percentile(t, 50))
-        out[name] = {"p50_ms": p50, "iters": len(t), "first_call_s": round(first[name], 1)}
-    return out, failed
+            failed[name] = failure(e)
+    times = time_interleaved(ok, warmup=2, iters=20, min_seconds=seconds) if ok else {}
+    return {name: {"p50_ms": float(np.percentile(t, 50)), "iters": len(t), "first_call_s": round(first[name], 1)}
+            for name, t in times.items()}, failed
 
 
 def eval_images(name: str, teacher, size, device: str, data_dir: Path | None, gen) -> tuple[torch.Tensor, str]:
@@ -203,7 +199,7 @@ def kind_modules(name: str, device: str, kinds, w8_student) -> tuple[dict, dict,
                 module = integer_model(copy.deepcopy(fp8), "fp8", device, half, size)
                 built[kind] = (module, half, fp8, f"FP8 {describe(module)['kernels']}")
         except Exception as e:  # a kernel refusing a shape on this device (int4pack, _int_mm)
-            skipped[kind] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            skipped[kind] = failure(e)
     return built, skipped, (teacher, size)
 
 
@@ -239,11 +235,11 @@ def model_rows(name: str, device: str, batches, variants, args, deadline, w8_stu
                 try:
                     samplers[variant] = graph_sampler(module, x, dtype)
                 except Exception as e:  # an op that cannot be captured
-                    row["skipped"] = f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    row["skipped"] = f"CUDA graph capture failed: {failure(e)}"
             else:
                 samplers[variant] = ModuleRunner(compiled[kind] if how == "compiled" else module, device,
                                                  dtype).sampler(x)
-        timings, failed = time_interleaved(samplers, args.seconds)
+        timings, failed = time_variants(samplers, args.seconds)
         for variant, t in timings.items():
             batch_rows[variant].update(t, images_per_s=b * 1000 / t["p50_ms"])
         for variant, why in failed.items():
@@ -267,7 +263,7 @@ def model_rows(name: str, device: str, batches, variants, args, deadline, w8_stu
             row.update(agreement(compiled[kind] if how == "compiled" else module, reference, x_eval, dtype),
                        agreement_on=source)
         except Exception as e:  # the compiled module failing at the eval batch size
-            row["agreement_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["agreement_error"] = failure(e)
     return rows
 
 
@@ -360,7 +356,7 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--seconds", type=float, default=1.0, help="measured time per row (split over 5 turns)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="least measured time per row")
     ap.add_argument("--steps", type=int, default=5, help="synthesis / fine-tuning steps timed")
     ap.add_argument("--student", type=Path, default=None, help="a fmnist-vit W8A8 student.pt for the INT8 rows")
     ap.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX files (agreement of fmnist-vit)")
